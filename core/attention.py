@@ -1,0 +1,74 @@
+"""The AttentionBackend interface and the per-step metadata every backend receives.
+
+The model runner lays a step's tokens out flat, decodes first: sequence i owns query tokens
+``query_start_loc[i]:query_start_loc[i+1]`` and, after this step's K/V are written, its first
+``seq_lens[i]`` cache slots (through ``block_tables[i]``). Its queries are the *last* tokens of
+those ``seq_lens[i]`` positions, causal among themselves. A backend declares the shape of one
+layer's KV cache; the core allocates it through the platform and hands the backend views.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    num_seqs: int
+    num_decodes: int             # sequences 0..num_decodes-1 have exactly one query token
+    num_tokens: int              # real tokens; tensors may be padded past this (graphs)
+    max_query_len: int
+    max_seq_len: int
+    query_start_loc: torch.Tensor  # [num_seqs + 1] int32, on the device
+    seq_lens: torch.Tensor         # [num_seqs] int32, on the device
+    block_tables: torch.Tensor     # [num_seqs, max_blocks] int32, on the device
+    slot_mapping: torch.Tensor     # [num_tokens(+pad)] int64; -1 = write nothing
+    query_start_loc_cpu: torch.Tensor
+    seq_lens_cpu: torch.Tensor
+    block_size: int
+
+    @property
+    def num_decode_tokens(self) -> int:
+        return self.num_decodes
+
+
+class AttentionBackend:
+    """One attention implementation. Registered through the ``loom_attention_backends`` hook."""
+
+    name: str = ""
+    supported_dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
+    required_block_size: int | None = None    # the core uses this block size when set
+    supports_graphs: bool = False             # forward may be captured in a device graph
+
+    @classmethod
+    def is_supported(cls, platform) -> bool:
+        """Whether this backend runs on ``platform`` (a loom.platform.Platform instance)."""
+        return True
+
+    @staticmethod
+    def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int,
+                       head_size: int) -> tuple[int, ...]:
+        """The shape of one layer's KV cache."""
+        raise NotImplementedError
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_size: int, scale: float,
+                 dtype: torch.dtype, device: torch.device):
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_size = head_size
+        self.scale = scale
+        self.dtype = dtype
+        self.device = device
+
+    def build_metadata(self, common: AttentionMetadata):
+        """Per-step, outside any graph: turn the common metadata into what forward takes."""
+        return common
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                kv_cache: torch.Tensor, metadata) -> torch.Tensor:
+        """Write k/v [T, num_kv_heads, D] into ``kv_cache`` by slot mapping, then attend.
+
+        q is [T, num_heads, D]; returns [T, num_heads, D] in q's dtype.
+        """
+        raise NotImplementedError

@@ -1,0 +1,358 @@
+"""The PluginManager: loads built-in and third-party plugins and looks registered classes up by name.
+
+Plugins come from the ``loom`` entry-point group (loom's built-ins are ordinary entries there) and
+from ``register()`` calls (tests, embedding applications). A plugin that fails to import is kept
+in ``load_errors`` with its traceback, logged, and reported by ``loom plugins``; it never disappears
+silently, and an explicitly requested plugin (``LOOM_PLUGINS``) that fails to load is an error.
+"""
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+import textwrap
+import traceback
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import TYPE_CHECKING
+
+import pluggy
+
+from loom import hookspecs
+from loom.hookspecs import ENTRY_POINT_GROUP, LOOM_PLUGIN_API, PROJECT_NAME
+
+if TYPE_CHECKING:
+    from loom.attention import AttentionBackend
+    from loom.platform import Platform
+    from loom.quant import QuantMethod
+
+logger = logging.getLogger(__name__)
+
+BUILTIN_DISTRIBUTION = "loom"
+UNQUANTIZED = "none"
+KINDS = ("platform", "attention_backend", "quant_method", "model_architecture")
+_HOOK_OF_KIND = {
+    "platform": "loom_platforms",
+    "attention_backend": "loom_attention_backends",
+    "quant_method": "loom_quant_methods",
+    "model_architecture": "loom_model_architectures",
+}
+
+
+class PluginError(RuntimeError):
+    """A plugin could not be loaded, or a name could not be resolved."""
+
+
+@dataclass
+class PluginInfo:
+    name: str
+    module: str
+    distribution: str | None
+    version: str | None
+    builtin: bool
+    registers: dict[str, list[str]] = field(default_factory=dict)
+
+
+@dataclass
+class LoadError:
+    name: str
+    module: str
+    distribution: str | None
+    traceback: str
+    version: str | None = None
+
+
+def _api_major(version: str) -> str:
+    return str(version).split(".")[0]
+
+
+def _label(kind: str) -> str:
+    return kind.replace("_", " ")
+
+
+def _class_names(kind: str, cls) -> list[str]:
+    if kind == "model_architecture":
+        names = getattr(cls, "architectures", None)
+        if not names:
+            raise PluginError(f"model class {cls.__qualname__} declares no 'architectures'")
+        return list(names)
+    name = getattr(cls, "name", None)
+    if not name:
+        raise PluginError(f"{kind} class {cls.__qualname__} has no 'name'")
+    return [name]
+
+
+def _quant_method_of(config: dict) -> str:
+    return str(config.get("quant_method", "(quantization_config without quant_method)"))
+
+
+class PluginManager:
+    """Registry of loom plugins and of the classes they register, by kind and name."""
+
+    def __init__(self, load_entry_points: bool = True, allowed: list[str] | None = None):
+        self.pm = pluggy.PluginManager(PROJECT_NAME)
+        self.pm.add_hookspecs(hookspecs)
+        self.infos: dict[str, PluginInfo] = {}
+        self.load_errors: list[LoadError] = []
+        self._registry: dict[str, dict[str, tuple[object, str]]] | None = None
+        if load_entry_points:
+            self._load_entry_points(allowed if allowed is not None else _allowed_from_env())
+
+    # ---- loading -------------------------------------------------------------------------
+    def _load_entry_points(self, allowed: list[str] | None) -> None:
+        for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+            dist = ep.dist.name if ep.dist is not None else None
+            version = ep.dist.version if ep.dist is not None else None
+            builtin = dist == BUILTIN_DISTRIBUTION
+            if not builtin and allowed is not None and ep.name not in allowed:
+                continue
+            try:
+                self.register(ep.load(), name=ep.name, distribution=dist, version=version,
+                              builtin=builtin)
+            except Exception as exc:  # noqa: BLE001 - kept, logged and reported, never swallowed
+                self.load_errors.append(
+                    LoadError(ep.name, ep.value, dist, traceback.format_exc(), version))
+                logger.warning("loom plugin %r (%s) failed to load: %s; `loom plugins` shows the "
+                               "traceback", ep.name, ep.value, exc)
+        if allowed:
+            self._check_allowed(allowed)
+        # Core's own model architectures are a plugin like any other.
+        from loom.models import registry as model_registry
+        if "loom.models" not in self.infos:
+            self.register(model_registry, name="loom.models", distribution=BUILTIN_DISTRIBUTION,
+                          version=_dist_version(BUILTIN_DISTRIBUTION), builtin=True)
+
+    def _check_allowed(self, allowed: list[str]) -> None:
+        failed = {e.name: e for e in self.load_errors}
+        for name in allowed:
+            if name in failed:
+                raise PluginError(
+                    f"plugin {name!r} named in LOOM_PLUGINS failed to load:\n{failed[name].traceback}")
+            if name not in self.infos:
+                raise PluginError(f"plugin {name!r} named in LOOM_PLUGINS is not installed "
+                                  f"(entry-point group {ENTRY_POINT_GROUP!r})")
+
+    def register(self, plugin, name: str | None = None, distribution: str | None = None,
+                 version: str | None = None, builtin: bool = False) -> str:
+        """Register a plugin module or object (what ``pm.register`` does in tests).
+
+        A plugin that breaks the contract (wrong API major, unknown hook, duplicate name) raises
+        PluginError and leaves the manager as it was.
+        """
+        name = name or getattr(plugin, "__name__", None) or type(plugin).__name__
+        api = getattr(plugin, "LOOM_PLUGIN_API", None)
+        if api is not None and _api_major(api) != _api_major(LOOM_PLUGIN_API):
+            raise PluginError(
+                f"plugin {name!r} was built for loom plugin API {api}, but this loom provides "
+                f"API {LOOM_PLUGIN_API}; install a version of the plugin built for "
+                f"{_api_major(LOOM_PLUGIN_API)}.x")
+        if name in self.infos:
+            raise PluginError(f"plugin name {name!r} is already taken by module "
+                              f"{self.infos[name].module}")
+        try:
+            self.pm.register(plugin, name=name)
+        except (ValueError, pluggy.PluginValidationError) as exc:
+            raise PluginError(f"plugin {name!r} cannot be registered: {exc}") from exc
+        self.infos[name] = PluginInfo(name, getattr(plugin, "__name__", repr(plugin)), distribution,
+                                      version, builtin)
+        self._registry = None
+        try:
+            self._validate()
+        except PluginError:
+            self.unregister(name)
+            raise
+        return name
+
+    def unregister(self, name: str) -> None:
+        self.pm.unregister(name=name)
+        del self.infos[name]
+        self._registry = None
+
+    def _validate(self) -> None:
+        try:
+            self.pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            raise PluginError(f"{exc} (the hooks are listed in loom.hookspecs)") from exc
+        self._build_registry()
+
+    # ---- lookup --------------------------------------------------------------------------
+    def _build_registry(self) -> dict[str, dict[str, tuple[object, str]]]:
+        if self._registry is not None:
+            return self._registry
+        registry: dict[str, dict[str, tuple[object, str]]] = {k: {} for k in KINDS}
+        for info in self.infos.values():
+            info.registers = {}
+        for kind, hook_name in _HOOK_OF_KIND.items():
+            for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+                plugin_name = self.pm.get_name(impl.plugin)
+                for cls in _call_hook(impl, hook_name, plugin_name):
+                    for cname in _class_names(kind, cls):
+                        if cname in registry[kind]:
+                            other = registry[kind][cname][1]
+                            raise PluginError(
+                                f"duplicate {_label(kind)} name {cname!r}: registered by "
+                                f"plugin {other!r} and by plugin {plugin_name!r}")
+                        registry[kind][cname] = (cls, plugin_name)
+                        self.infos[plugin_name].registers.setdefault(kind, []).append(cname)
+        self._registry = registry
+        return registry
+
+    def names(self, kind: str) -> list[str]:
+        return sorted(self._build_registry()[kind])
+
+    def get(self, kind: str, name: str):
+        """The class registered under ``name`` for ``kind``; an unknown name lists the known ones."""
+        registry = self._build_registry()[kind]
+        if name not in registry:
+            hint = difflib.get_close_matches(name, registry, n=1)
+            hint_s = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise PluginError(f"unknown {_label(kind)} {name!r}{hint_s}; {self._registered(kind)}")
+        return registry[name][0]
+
+    def classes(self, kind: str) -> list:
+        return [cls for cls, _ in self._build_registry()[kind].values()]
+
+    def owner(self, kind: str, name: str) -> str:
+        return self._build_registry()[kind][name][1]
+
+    def _registered(self, kind: str) -> str:
+        """'registered: a, b', plus a line per plugin that failed to load (it may be the one)."""
+        errors = "".join(f"\n  plugin {e.name!r} failed to load; run `loom plugins` for its traceback"
+                         for e in self.load_errors)
+        return f"registered: {', '.join(self.names(kind)) or '(none)'}{errors}"
+
+    # ---- selection (the config's platform / attention_backend / quantization) ------------------
+    def platform(self, name: str = "auto") -> Platform:
+        """A Platform instance; ``auto`` is the available one with the highest auto_priority."""
+        if name == "auto":
+            available = self._available_platforms()
+            if not available:
+                raise PluginError(f"no platform is available; {self._registered('platform')}")
+            return max(available, key=lambda cls: cls.auto_priority)()
+        cls = self.get("platform", name)
+        if not cls.is_available():
+            names = ", ".join(c.name for c in self._available_platforms()) or "(none)"
+            raise PluginError(f"platform {name!r} is not available on this machine; "
+                              f"available: {names}")
+        return cls()
+
+    def _available_platforms(self) -> list[type[Platform]]:
+        return [cls for cls in self.classes("platform") if cls.is_available()]
+
+    def attention_backend(self, name: str, platform: Platform) -> type[AttentionBackend]:
+        """An AttentionBackend class; ``auto`` is the first of the platform's defaults that is
+        registered and supported on it."""
+        if name == "auto":
+            registry = self._build_registry()["attention_backend"]
+            for candidate in platform.default_attention_backends:
+                if candidate in registry and registry[candidate][0].is_supported(platform):
+                    return registry[candidate][0]
+            raise PluginError(
+                f"none of platform {platform.name!r}'s default attention backends "
+                f"({', '.join(platform.default_attention_backends)}) is registered and supported; "
+                f"supported there: {self._supported_backends(platform)}")
+        cls = self.get("attention_backend", name)
+        if not cls.is_supported(platform):
+            raise PluginError(f"attention backend {name!r} does not support platform "
+                              f"{platform.name!r}; supported there: "
+                              f"{self._supported_backends(platform)}")
+        return cls
+
+    def _supported_backends(self, platform: Platform) -> str:
+        names = [cls.name for cls in self.classes("attention_backend") if cls.is_supported(platform)]
+        return ", ".join(names) or "(none)"
+
+    def quant_method(self, name: str, quantization_config: dict | None) -> QuantMethod:
+        """A QuantMethod instance built from the checkpoint's quantization_config; ``auto`` is the
+        method whose ``matches`` accepts it (``none`` for an unquantized checkpoint)."""
+        config = quantization_config or None
+        if name == "auto":
+            return self._matching_quant_method(config).from_config(config)
+        if name == UNQUANTIZED and config:
+            method = _quant_method_of(config)
+            raise PluginError(f"quantization {UNQUANTIZED!r} cannot load this checkpoint: it is "
+                              f"quantized with quant_method {method!r}; use 'auto' or {method!r}")
+        return self.get("quant_method", name).from_config(config)
+
+    def _matching_quant_method(self, config: dict | None) -> type[QuantMethod]:
+        matches = [cls for cls in self.classes("quant_method") if cls.matches(config)]
+        if len(matches) == 1:
+            return matches[0]
+        what = (f"quant_method {_quant_method_of(config)!r}" if config
+                else "an unquantized checkpoint")
+        if not matches:
+            raise PluginError(f"no quantization plugin handles {what}; "
+                              f"{self._registered('quant_method')}")
+        claims = ", ".join(f"{cls.name!r} (plugin {self.owner('quant_method', cls.name)!r})"
+                           for cls in matches)
+        raise PluginError(f"{what} is claimed by several quantization methods: {claims}; "
+                          f"choose one with `quantization: <name>`")
+
+    def model_class(self, architecture: str):
+        """The model class implementing a Hugging Face architecture name (config.json)."""
+        return self.get("model_architecture", architecture)
+
+
+def _call_hook(impl, hook_name: str, plugin_name: str) -> list:
+    try:
+        return list(impl.function() or [])
+    except Exception as exc:  # noqa: BLE001 - becomes a load error naming the plugin
+        raise PluginError(f"plugin {plugin_name!r}: hook {hook_name} failed: {exc!r}") from exc
+
+
+def format_report(pm: PluginManager) -> str:
+    """What ``loom plugins`` prints: every plugin with its version, origin and what it registers,
+    then every plugin that failed to load, with its traceback."""
+    pm.names("platform")  # builds the registry, which fills each PluginInfo.registers
+    lines = [f"loom {_dist_version(BUILTIN_DISTRIBUTION) or '(unknown version)'}, "
+             f"plugin API {LOOM_PLUGIN_API}", ""]
+    for info in sorted(pm.infos.values(), key=lambda i: (not i.builtin, i.name)):
+        lines.append(f"{info.name}  {'built-in' if info.builtin else 'third-party'}  "
+                     f"{_origin(info.distribution, info.version)}  module {info.module}")
+        for kind in KINDS:
+            if kind in info.registers:
+                lines.append(f"    {_label(kind)}: {', '.join(info.registers[kind])}")
+        if not info.registers:
+            lines.append("    (registers nothing)")
+    if pm.load_errors:
+        lines += ["", f"failed to load ({len(pm.load_errors)}):"]
+        for err in pm.load_errors:
+            lines.append(f"{err.name}  {_origin(err.distribution, err.version)}  module {err.module}")
+            lines.append(textwrap.indent(err.traceback.rstrip(), "    "))
+    return "\n".join(lines)
+
+
+def _origin(distribution: str | None, version: str | None) -> str:
+    if distribution is None:
+        return "(registered in-process, no distribution)"
+    return f"{distribution} {version or '(unknown version)'}"
+
+
+def _allowed_from_env() -> list[str] | None:
+    value = os.environ.get("LOOM_PLUGINS")
+    if value is None:
+        return None
+    return [n.strip() for n in value.split(",") if n.strip()]
+
+
+def _dist_version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+_default: PluginManager | None = None
+
+
+def get_plugin_manager() -> PluginManager:
+    """The process-wide PluginManager, loaded on first use."""
+    global _default
+    if _default is None:
+        _default = PluginManager()
+    return _default
+
+
+def reset_plugin_manager() -> None:
+    global _default
+    _default = None

@@ -1,0 +1,73 @@
+"""The QuantMethod interface: how a linear layer holds its weights, loads them and multiplies.
+
+Every linear layer of a model owns one QuantMethod instance (the unquantized method is a plugin
+like the others). A linear may be *fused*: its output is the concatenation of ``output_sizes``
+shards (q|k|v, gate|up), each loaded from its own checkpoint tensor with a ``shard_id``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class QuantMethod:
+    """A weight format. Registered through the ``loom_quant_methods`` hook."""
+
+    name: str = ""
+
+    @classmethod
+    def matches(cls, quantization_config: dict | None) -> bool:
+        """For ``quantization: auto``: does this checkpoint's quantization_config describe us?"""
+        return False
+
+    @classmethod
+    def from_config(cls, quantization_config: dict | None) -> "QuantMethod":
+        """Build from the checkpoint's ``quantization_config`` (None for unquantized ones)."""
+        return cls()
+
+    def check_platform(self, platform, dtype: torch.dtype) -> None:
+        """Raise ValueError naming the method, the device and what would work, if unsupported."""
+
+    def for_layer(self, prefix: str) -> "QuantMethod":
+        """The method used for the linear at ``prefix`` (layers excluded from quantization get
+        the unquantized method; per-layer overrides a different one)."""
+        return self
+
+    def create_weights(self, layer: nn.Module, input_size: int, output_sizes: list[int],
+                       bias: bool, params_dtype: torch.dtype) -> None:
+        """Register the layer's parameters. Each parameter may carry ``output_dim`` (the axis
+        along which fused shards are concatenated) and ``packed_factor`` (values per element
+        along that axis); ``load`` uses them."""
+        raise NotImplementedError
+
+    def load(self, layer: nn.Module, param_name: str, loaded: torch.Tensor,
+             shard_id: int | None) -> None:
+        """Copy one checkpoint tensor into ``layer.<param_name>`` (shard ``shard_id`` of a fused
+        layer, or the whole parameter when None)."""
+        param = getattr(layer, param_name)
+        output_dim = getattr(param, "output_dim", None)
+        if shard_id is None or output_dim is None:
+            if param.shape != loaded.shape:
+                raise ValueError(f"{param_name}: checkpoint shape {tuple(loaded.shape)} does not "
+                                 f"match the model's {tuple(param.shape)}")
+            param.data.copy_(loaded)
+            return
+        factor = getattr(param, "packed_factor", 1)
+        sizes = [s // factor for s in layer.output_sizes]
+        offset = sum(sizes[:shard_id])
+        target = param.data.narrow(output_dim, offset, sizes[shard_id])
+        if target.shape != loaded.shape:
+            raise ValueError(f"{param_name} shard {shard_id}: checkpoint shape "
+                             f"{tuple(loaded.shape)} does not match the model's {tuple(target.shape)}")
+        target.copy_(loaded)
+
+    def process_after_loading(self, layer: nn.Module) -> None:
+        """Repack or convert once every tensor of ``layer`` is loaded (e.g. for a fast kernel)."""
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """y = x @ W^T (+ bias) for x [..., input_size]."""
+        raise NotImplementedError
+
+    def checkpoint_names(self) -> tuple[str, ...]:
+        """Suffixes of the checkpoint tensors of one linear (e.g. weight, qweight, scales)."""
+        return ("weight", "bias")

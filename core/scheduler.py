@@ -1,0 +1,211 @@
+"""Continuous batching under a token budget, with chunked prefill and preemption by recompute.
+
+Every request catches ``num_computed_tokens`` up to ``num_tokens``. Each step first serves the
+running requests in arrival order (a decode needs one token, an unfinished prompt its next
+chunk), then admits waiting requests FCFS while budget, sequence slots and KV blocks last. When
+blocks run out, the newest running request is preempted: its blocks are freed and it waits at
+the head of the queue, to be recomputed (its prompt and outputs so far) when it resumes.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from loom.kv_cache import KVCacheManager
+from loom.request import Request, RequestStatus
+from loom.scheduler_output import (CachedRequestData, ModelRunnerOutput, NewRequestData,
+                                   SchedulerOutput, TokenLogprobs)
+
+
+@dataclass
+class RequestUpdate:
+    """What one step did to one request: the tokens it appended and whether it finished."""
+    request: Request
+    new_token_ids: list[int]
+    logprobs: list[TokenLogprobs] | None = None
+
+
+@dataclass
+class SchedulerStats:
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    num_preemptions: int = 0
+    prefix_queries: int = 0
+    prefix_hits: int = 0
+
+
+class Scheduler:
+    def __init__(self, kv_cache: KVCacheManager, *, max_num_seqs: int,
+                 max_num_batched_tokens: int, max_model_len: int,
+                 enable_chunked_prefill: bool = True):
+        self.kv = kv_cache
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.enable_chunked_prefill = enable_chunked_prefill
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+        self._finished_ids: set[str] = set()     # to tell the runner next step
+        self._sent_tokens: dict[str, int] = {}   # tokens of each request the runner knows
+
+    # ---- requests in and out -------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        if request.num_prompt_tokens == 0:
+            raise ValueError("prompt: must contain at least one token")
+        if request.num_prompt_tokens >= self.max_model_len:
+            raise ValueError(
+                f"prompt: {request.num_prompt_tokens} tokens, but max-model-len is "
+                f"{self.max_model_len} and at least one token must be generated")
+        if request.request_id in self.requests:
+            raise ValueError(f"request_id: {request.request_id!r} is already in use")
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def finish_requests(self, request_ids, status: RequestStatus) -> list[Request]:
+        """Stop requests from outside a step (abort, stop string found by the detokenizer)."""
+        done = []
+        for rid in request_ids:
+            req = self.requests.get(rid)
+            if req is None or req.finished:
+                continue
+            if req.status == RequestStatus.RUNNING:
+                self.running.remove(req)
+            else:
+                self.waiting.remove(req)
+            self._finish(req, status)
+            done.append(req)
+        return done
+
+    def _finish(self, req: Request, status: RequestStatus) -> None:
+        req.status = status
+        self.kv.free(req)
+        del self.requests[req.request_id]
+        if self._sent_tokens.pop(req.request_id, None) is not None:
+            self._finished_ids.add(req.request_id)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # ---- one step ------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput(finished_req_ids=self._finished_ids)
+        self._finished_ids = set()
+        budget = self.max_num_batched_tokens
+        preempted = False
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            new_blocks = self.kv.allocate_slots(req, num_new)
+            while new_blocks is None:
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted = True
+                if victim is req:
+                    break
+                new_blocks = self.kv.allocate_slots(req, num_new)
+            if new_blocks is None:
+                break
+            out.cached_requests.append(self._cached_data(req, new_blocks))
+            self._schedule(out, req, num_new)
+            budget -= num_new
+            i += 1
+        if not preempted:
+            budget = self._admit(out, budget)
+        return out
+
+    def _admit(self, out: SchedulerOutput, budget: int) -> int:
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            req = self.waiting[0]
+            hits, num_hit = self.kv.get_computed_blocks(req)
+            num_new = req.num_tokens - num_hit
+            if num_new > budget:
+                if not self.enable_chunked_prefill:
+                    break
+                num_new = budget
+            new_blocks = self.kv.allocate_slots(req, num_new, hits)
+            if new_blocks is None:
+                break
+            self.waiting.popleft()
+            req.status = RequestStatus.RUNNING
+            req.num_computed_tokens = num_hit
+            if req.num_preemptions == 0:
+                req.num_cached_tokens = num_hit
+            self.running.append(req)
+            out.new_requests.append(NewRequestData(
+                req.request_id, req.prompt_token_ids, list(req.output_token_ids),
+                req.sampling_params, req.seed, list(new_blocks), num_hit))
+            self._sent_tokens[req.request_id] = req.num_tokens
+            self._schedule(out, req, num_new)
+            budget -= num_new
+        return budget
+
+    def _schedule(self, out: SchedulerOutput, req: Request, num_new: int) -> None:
+        out.num_scheduled_tokens[req.request_id] = num_new
+        out.total_num_scheduled_tokens += num_new
+        req.num_computed_tokens += num_new
+
+    def _cached_data(self, req: Request, new_blocks: list[int]) -> CachedRequestData:
+        sent = self._sent_tokens[req.request_id]
+        new_tokens = req.token_slice(sent, req.num_tokens) if sent < req.num_tokens else []
+        self._sent_tokens[req.request_id] = req.num_tokens
+        return CachedRequestData(req.request_id, new_tokens, new_blocks, req.num_computed_tokens)
+
+    def _preempt(self, req: Request) -> None:
+        self.kv.free(req)
+        req.status = RequestStatus.PREEMPTED
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        if self._sent_tokens.pop(req.request_id, None) is not None:
+            self._finished_ids.add(req.request_id)   # the runner drops it; it comes back as new
+        self.waiting.appendleft(req)
+
+    # ---- after the step ------------------------------------------------------------------
+    def update(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> list[RequestUpdate]:
+        for rid in sched.num_scheduled_tokens:          # first, while all still hold blocks
+            req = self.requests.get(rid)
+            if req is not None and req.status == RequestStatus.RUNNING:
+                self.kv.cache_blocks(req)
+        updates = []
+        for idx, rid in enumerate(result.req_ids):
+            req = self.requests.get(rid)
+            if req is None or req.status != RequestStatus.RUNNING:
+                continue
+            logprobs = result.logprobs[idx] if result.logprobs else None
+            new_tokens = []
+            status = None
+            for token in result.sampled_token_ids[idx]:
+                req.output_token_ids.append(token)
+                new_tokens.append(token)
+                status = self._check_stop(req, token)
+                if status is not None:
+                    break
+            if logprobs is not None:
+                logprobs = logprobs[:len(new_tokens)]
+            updates.append(RequestUpdate(req, new_tokens, logprobs))
+            if status is not None:
+                self.running.remove(req)
+                self._finish(req, status)
+        return updates
+
+    def _check_stop(self, req: Request, token: int) -> RequestStatus | None:
+        params = req.sampling_params
+        num_out = req.num_output_tokens
+        if num_out >= params.min_tokens:
+            if token in req.eos_token_ids and not params.ignore_eos:
+                return RequestStatus.FINISHED_STOPPED
+            if token in params.stop_token_ids:
+                req.stop_reason = token
+                return RequestStatus.FINISHED_STOPPED
+        if num_out >= req.max_tokens or req.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(len(self.running), len(self.waiting), self.kv.usage,
+                              self.num_preemptions, self.kv.prefix_queries, self.kv.prefix_hits)
