@@ -26,7 +26,6 @@ class SamplingParams:
     max_tokens: int | None = 16         # None: up to max-model-len
     min_tokens: int = 0
     logprobs: int | None = None         # top-N logprobs per generated token (plus the sampled one)
-    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
@@ -73,10 +72,8 @@ class SamplingParams:
             _fail("min_tokens", "an integer >= 0", self.min_tokens)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             _fail("min_tokens", f"<= max_tokens ({self.max_tokens})", self.min_tokens)
-        for name in ("logprobs", "prompt_logprobs"):
-            value = getattr(self, name)
-            if value is not None and (not is_int(value) or not 0 <= value <= 20):
-                _fail(name, "an integer in [0, 20] or None", value)
+        if self.logprobs is not None and (not is_int(self.logprobs) or not 0 <= self.logprobs <= 20):
+            _fail("logprobs", "an integer in [0, 20] or None", self.logprobs)
 
     @property
     def greedy(self) -> bool:

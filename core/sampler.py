@@ -1,0 +1,176 @@
+"""Sampler: one token per sequence from its logits row.
+
+Pipeline, in float32: penalties -> min_tokens mask -> greedy argmax, or temperature -> top-k ->
+top-p -> min-p -> exponential-race draw. Logprobs are of the raw logits, before any of that.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from loom.sampling_params import SamplingParams
+from loom.scheduler_output import TokenLogprobs
+
+
+@dataclass
+class SamplingRow:
+    """One sequence that samples this step."""
+    params: SamplingParams
+    generator: torch.Generator | None   # set iff the request has a seed; on the logits' device
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]         # generated so far
+    eos_token_ids: frozenset[int]
+
+    @property
+    def blocked_token_ids(self) -> list[int]:
+        """Stop ids masked this step because min_tokens is not reached yet."""
+        if len(self.output_token_ids) >= self.params.min_tokens:
+            return []
+        return sorted(self.eos_token_ids | set(self.params.stop_token_ids))
+
+    @property
+    def is_plain_greedy(self) -> bool:
+        p = self.params
+        return (p.greedy and not p.needs_penalties and p.logprobs is None
+                and not self.blocked_token_ids)
+
+
+class Sampler:
+
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]
+                 ) -> tuple[list[int], list[list[TokenLogprobs] | None]]:
+        assert logits.dim() == 2 and logits.size(0) == len(rows)
+        if all(row.is_plain_greedy for row in rows):
+            return logits.argmax(dim=-1).tolist(), [None] * len(rows)
+        x = logits.to(torch.float32, copy=True)
+        apply_penalties(x, rows)
+        apply_min_tokens(x, rows)
+        tokens = x.argmax(dim=-1)
+        sampled = [i for i, row in enumerate(rows) if not row.params.greedy]
+        if sampled:
+            index = _index(x, sampled)
+            tokens[index] = sample(x[index], [rows[i] for i in sampled])
+        logprobs = compute_logprobs(logits, tokens, rows)
+        return tokens.tolist(), logprobs
+
+
+def sample(x: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """Temperature, top-k, top-p, min-p, then a draw. ``x`` is float32 and is modified."""
+    temperature = _column(x, [row.params.temperature for row in rows])
+    x.div_(temperature)
+    top_k = [row.params.top_k for row in rows]
+    top_p = [row.params.top_p for row in rows]
+    if any(k > 0 for k in top_k) or any(p < 1 for p in top_p):
+        apply_top_k_top_p(x, top_k, top_p)
+    probs = x.softmax(dim=-1)
+    min_p = [row.params.min_p for row in rows]
+    if any(p > 0 for p in min_p):
+        apply_min_p(probs, min_p)
+    return exponential_race(probs, [row.generator for row in rows])
+
+
+def apply_penalties(x: torch.Tensor, rows: list[SamplingRow]) -> None:
+    """Repetition (HF/vLLM: prompt + output) then frequency and presence (OpenAI: output only)."""
+    picked = [i for i, row in enumerate(rows) if row.params.needs_penalties]
+    if not picked:
+        return
+    rows = [rows[i] for i in picked]
+    index = _index(x, picked)
+    vocab = x.size(1)
+    logits = x[index]
+    output_counts = _token_counts([row.output_token_ids for row in rows], vocab, x.device)
+    prompt_counts = _token_counts([row.prompt_token_ids for row in rows], vocab, x.device)
+    seen = (prompt_counts > 0) | (output_counts > 0)
+    repetition = _column(x, [row.params.repetition_penalty for row in rows])
+    penalized = torch.where(logits > 0, logits / repetition, logits * repetition)
+    logits = torch.where(seen, penalized, logits)
+    logits -= _column(x, [row.params.frequency_penalty for row in rows]) * output_counts
+    logits -= _column(x, [row.params.presence_penalty for row in rows]) * (output_counts > 0)
+    x[index] = logits
+
+
+def apply_min_tokens(x: torch.Tensor, rows: list[SamplingRow]) -> None:
+    """Mask eos and stop_token_ids of rows that have not produced min_tokens yet."""
+    row_ids, token_ids = [], []
+    for i, row in enumerate(rows):
+        blocked = [t for t in row.blocked_token_ids if t < x.size(1)]
+        row_ids += [i] * len(blocked)
+        token_ids += blocked
+    if row_ids:
+        x[_index(x, row_ids), _index(x, token_ids)] = -torch.inf
+
+
+def apply_top_k_top_p(x: torch.Tensor, top_k: list[int], top_p: list[float]) -> None:
+    """Top-k (0: off) then top-p on the renormalized top-k distribution; in place on logits."""
+    vocab = x.size(1)
+    x_sorted, order = x.sort(dim=-1, descending=True, stable=True)
+    k = _column(x, [k if 0 < k < vocab else vocab for k in top_k], torch.long)
+    position = torch.arange(vocab, device=x.device)
+    drop = position >= k
+    probs = x_sorted.masked_fill(drop, -torch.inf).softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1).roll(1, dims=-1)  # mass of the more likely tokens
+    mass_before[:, 0] = 0                                 # the top token always stays
+    p = _column(x, top_p)
+    drop |= (mass_before >= p) & (p < 1)
+    x.masked_fill_(drop.scatter(1, order, drop), -torch.inf)
+
+
+def apply_min_p(probs: torch.Tensor, min_p: list[float]) -> None:
+    """Zero tokens whose prob is below min_p times the row's largest prob; in place."""
+    threshold = _column(probs, min_p) * probs.amax(dim=-1, keepdim=True)
+    probs.masked_fill_(probs < threshold, 0)
+
+
+def exponential_race(probs: torch.Tensor, generators: list[torch.Generator | None]
+                     ) -> torch.Tensor:
+    """argmax(probs / q), q ~ Exp(1): a draw from probs (unnormalized is fine). A seeded row
+    takes exactly one Exp(1) per vocab entry from its own generator, whatever the batch."""
+    q = torch.empty_like(probs).exponential_()
+    for i, generator in enumerate(generators):
+        if generator is not None:
+            q[i].exponential_(generator=generator)
+    q.clamp_min_(torch.finfo(q.dtype).tiny)              # Exp(1) may round to 0
+    return (probs / q).argmax(dim=-1)
+
+
+def compute_logprobs(logits: torch.Tensor, tokens: torch.Tensor, rows: list[SamplingRow]
+                     ) -> list[list[TokenLogprobs] | None]:
+    """Raw-distribution logprobs of the sampled token (with its rank) and the top-N."""
+    out: list[list[TokenLogprobs] | None] = [None] * len(rows)
+    picked = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
+    if not picked:
+        return out
+    index = _index(logits, picked)
+    logprobs = logits[index].float().log_softmax(dim=-1)
+    sampled_ids = tokens[index].unsqueeze(1)
+    sampled = logprobs.gather(1, sampled_ids)
+    ranks = (logprobs > sampled).sum(dim=-1) + 1
+    num_top = max(rows[i].params.logprobs for i in picked)
+    top_logprobs, top_ids = logprobs.topk(num_top, dim=-1)
+    sampled_ids, sampled = sampled_ids.squeeze(1).tolist(), sampled.squeeze(1).tolist()
+    ranks, top_ids, top_logprobs = ranks.tolist(), top_ids.tolist(), top_logprobs.tolist()
+    for j, i in enumerate(picked):
+        n = rows[i].params.logprobs
+        out[i] = [TokenLogprobs(sampled_ids[j], sampled[j], ranks[j],
+                                top_ids[j][:n], top_logprobs[j][:n])]
+    return out
+
+
+def _index(like: torch.Tensor, values: list[int]) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.long, device=like.device)
+
+
+def _column(like: torch.Tensor, values: list, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.tensor(values, dtype=dtype, device=like.device).unsqueeze(1)
+
+
+def _token_counts(seqs: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
+    """[len(seqs), vocab] float32 occurrence counts; ids outside the vocab are ignored."""
+    width = max(map(len, seqs))
+    padded = [seq + [vocab] * (width - len(seq)) for seq in seqs]
+    ids = torch.tensor(padded, dtype=torch.long, device=device)
+    ids = torch.where((ids >= 0) & (ids < vocab), ids, vocab)
+    counts = torch.zeros(len(seqs), vocab + 1, device=device)
+    counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=torch.float32))
+    return counts[:, :vocab]
