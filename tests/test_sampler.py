@@ -376,7 +376,6 @@ def test_logprobs_unaffected_by_temperature_and_penalties():
     (dict(min_tokens=-1), "min_tokens"),
     (dict(min_tokens=5, max_tokens=4), "min_tokens"),
     (dict(logprobs=-1), "logprobs"), (dict(logprobs=21), "logprobs"),
-    (dict(prompt_logprobs=21), "prompt_logprobs"),
     (dict(stop=[""]), "stop"), (dict(stop=[1]), "stop"),
     (dict(stop_token_ids=[-1]), "stop_token_ids"), (dict(stop_token_ids=["a"]), "stop_token_ids"),
     (dict(seed=1.5), "seed"), (dict(seed="7"), "seed"),
