@@ -1,0 +1,96 @@
+"""The `loom` command: generate | plugins (serve and bench register their own subcommands)."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from loom.config import ConfigError, add_engine_args, engine_overrides, load_config
+
+DEMO_PROMPTS = ["The capital of France is", "Once upon a time", "The best way to learn is"]
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model_pos", nargs="?", metavar="MODEL",
+                        help="model directory (overrides 'model' in the config)")
+    parser.add_argument("--config", help="YAML file whose keys are the long flag names")
+    parser.add_argument("--model", dest="model", default=argparse.SUPPRESS,
+                        help="model directory, or 'loom-demo'")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config as YAML and exit")
+    add_engine_args(parser)
+
+
+def config_from_args(args: argparse.Namespace):
+    return load_config(args.config, engine_overrides(args))
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    if args.print_config:
+        print(config.to_yaml(), end="")
+        return 0
+    from loom.llm import LLM
+    from loom.sampling_params import SamplingParams
+
+    llm = LLM(**{k: v for k, v in vars(config).items()})
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                            top_p=args.top_p, top_k=args.top_k, seed=args.seed_request,
+                            ignore_eos=args.ignore_eos)
+    prompts = args.prompt or DEMO_PROMPTS
+    outputs = llm.generate(prompts, params, use_tqdm=not args.quiet)
+    for out in outputs:
+        if args.json:
+            print(json.dumps({"prompt": out.prompt, "text": out.outputs[0].text,
+                              "token_ids": out.outputs[0].token_ids,
+                              "finish_reason": out.outputs[0].finish_reason}))
+        else:
+            print(f"--- {out.prompt!r}\n{out.outputs[0].text}\n[{out.outputs[0].finish_reason}, "
+                  f"{len(out.outputs[0].token_ids)} tokens]")
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from loom.plugin_manager import format_report, get_plugin_manager
+
+    print(format_report(get_plugin_manager()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loom", description="loom LLM inference engine")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate text offline from prompts")
+    _add_config_args(gen)
+    gen.add_argument("--prompt", action="append", help="a prompt (repeatable); default: demo prompts")
+    gen.add_argument("--max-tokens", type=int, default=32)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed-request", type=int, default=None, help="per-request sampling seed")
+    gen.add_argument("--ignore-eos", action="store_true")
+    gen.add_argument("--json", action="store_true", help="one JSON object per output line")
+    gen.add_argument("--quiet", action="store_true", help="no progress bar")
+    gen.set_defaults(func=cmd_generate)
+
+    plugins = sub.add_parser("plugins", help="list plugins, what they register, and load errors")
+    plugins.set_defaults(func=cmd_plugins)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(logging, args.log_level), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ConfigError, ValueError) as e:
+        print(f"loom: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

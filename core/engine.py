@@ -1,0 +1,188 @@
+"""The Engine: requests in, RequestOutputs out, one scheduler step at a time.
+
+step(): scheduler.schedule() -> executor.execute() -> scheduler.update() -> output processor.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from loom.config import ConfigError, EngineConfig
+from loom.executor import Executor, UniProcExecutor
+from loom.kv_cache import KVCacheManager
+from loom.loader import load_generation_config, load_tokenizer
+from loom.model_config import ModelConfig
+from loom.model_runner import ModelRunner
+from loom.output_processor import OutputProcessor
+from loom.outputs import RequestOutput
+from loom.plugin_manager import PluginManager, get_plugin_manager
+from loom.request import Request, RequestStatus
+from loom.sampling_params import SamplingParams
+from loom.scheduler import Scheduler
+
+logger = logging.getLogger("loom")
+
+DEMO_MODEL = "loom-demo"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DEFAULT_BATCHED_TOKENS = 8192
+
+
+@dataclass
+class ResolvedConfig:
+    """What the engine derived from the config and the checkpoint."""
+    model_path: Path
+    model_config: ModelConfig
+    dtype: torch.dtype
+    max_model_len: int
+    max_num_batched_tokens: int
+    block_size: int
+
+
+def resolve_model_path(model: str) -> Path:
+    if model == DEMO_MODEL:
+        from loom.demo_model import ensure_demo_model
+        return ensure_demo_model()
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        raise ConfigError(f"config key 'model': {model!r} is not a model directory "
+                          f"(nor '{DEMO_MODEL}'); loom loads local Hugging Face model directories")
+    return path
+
+
+def resolve(config: EngineConfig, platform, attn_cls) -> ResolvedConfig:
+    path = resolve_model_path(config.model)
+    mc = ModelConfig.from_dir(path)
+    dtype = (platform.preferred_dtype(mc.dtype) if config.dtype == "auto"
+             else DTYPES[config.dtype])
+    if dtype not in platform.supported_dtypes:
+        raise ConfigError(f"config key 'dtype': {config.dtype} is not supported on "
+                          f"{platform.name}")
+    limit = mc.max_position_embeddings
+    if mc.sliding_window is not None:
+        limit = min(limit, mc.sliding_window)   # no sliding-window attention: stay exact
+    max_model_len = config.max_model_len or limit
+    if max_model_len > limit:
+        raise ConfigError(f"config key 'max-model-len': {max_model_len} exceeds the model's "
+                          f"limit of {limit} tokens")
+    batched = config.max_num_batched_tokens
+    if batched is None:
+        batched = (DEFAULT_BATCHED_TOKENS if config.enable_chunked_prefill
+                   else max(DEFAULT_BATCHED_TOKENS, max_model_len))
+    if not config.enable_chunked_prefill and batched < max_model_len:
+        raise ConfigError(f"config key 'max-num-batched-tokens': must be >= max-model-len "
+                          f"({max_model_len}) when enable-chunked-prefill is false, got {batched}")
+    block_size = config.block_size or attn_cls.required_block_size or 16
+    if attn_cls.required_block_size and block_size != attn_cls.required_block_size:
+        raise ConfigError(f"config key 'block-size': attention backend {attn_cls.name!r} requires "
+                          f"{attn_cls.required_block_size}, got {block_size}")
+    return ResolvedConfig(path, mc, dtype, max_model_len, batched, block_size)
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, plugin_manager: PluginManager | None = None):
+        self.config = config
+        pm = plugin_manager or get_plugin_manager()
+        self.platform = pm.platform(config.platform)
+        attn_cls = pm.attention_backend(config.attention_backend, self.platform)
+        self.resolved = r = resolve(config, self.platform, attn_cls)
+        self.model_config = r.model_config
+        quant = pm.quant_method(config.quantization, r.model_config.quantization_config)
+        quant.check_platform(self.platform, r.dtype)
+        model_cls = pm.model_class(r.model_config.architecture)
+        self.tokenizer = load_tokenizer(config.tokenizer or r.model_path)
+        self.generation_config = load_generation_config(r.model_path)
+        if config.seed is not None:
+            torch.manual_seed(config.seed)
+        logger.info("loom: %s on %s, attention %s, quantization %s, dtype %s", r.model_path,
+                    self.platform.describe(), attn_cls.name, quant.name, r.dtype)
+        runner = ModelRunner(config, r.model_config, self.platform, attn_cls, quant, model_cls,
+                             r.dtype, r.block_size, r.max_model_len)
+        self.executor: Executor = UniProcExecutor(runner)
+        num_blocks = self.executor.determine_num_blocks()
+        if num_blocks * r.block_size < r.max_model_len:
+            raise ConfigError(
+                f"the KV cache holds {num_blocks * r.block_size} tokens ({num_blocks} blocks), "
+                f"fewer than max-model-len ({r.max_model_len}); lower max-model-len or give the "
+                "KV cache more memory (kv-cache-memory-gb / gpu-memory-utilization)")
+        self.kv_cache = KVCacheManager(num_blocks, r.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.kv_cache, max_num_seqs=config.max_num_seqs,
+                                   max_num_batched_tokens=r.max_num_batched_tokens,
+                                   max_model_len=r.max_model_len,
+                                   enable_chunked_prefill=config.enable_chunked_prefill)
+        self.outputs = OutputProcessor(self.tokenizer)
+        self.eos_token_ids = frozenset(r.model_config.eos_token_ids)
+        self._ids = itertools.count()
+
+    @property
+    def max_model_len(self) -> int:
+        return self.resolved.max_model_len
+
+    # ---- requests ------------------------------------------------------------------------
+    def tokenize(self, prompt: str) -> list[int]:
+        return self.tokenizer.encode(prompt)
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        """Validate and queue one request (``n`` sequences). Bad input raises ValueError and
+        leaves the running requests untouched."""
+        params = params or SamplingParams()
+        request_id = request_id if request_id is not None else str(next(self._ids))
+        if request_id in self.outputs.groups:
+            raise ValueError(f"request_id: {request_id!r} is already in use")
+        if isinstance(prompt, str):
+            text, token_ids = prompt, (self.tokenize(prompt) if prompt else [])
+        else:
+            text, token_ids = None, list(prompt)
+            vocab = self.model_config.vocab_size
+            if any(not isinstance(t, int) or not 0 <= t < vocab for t in token_ids):
+                raise ValueError(f"prompt: token ids must be integers in [0, {vocab})")
+        if not token_ids:
+            raise ValueError("prompt: must not be empty")
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(f"prompt: {len(token_ids)} tokens, but max-model-len is "
+                             f"{self.max_model_len} (prompt plus at least one generated token)")
+        max_tokens = self.max_model_len - len(token_ids)
+        if params.max_tokens is not None:
+            max_tokens = min(max_tokens, params.max_tokens)
+        children = []
+        for i in range(params.n):
+            seed = None if params.seed is None else params.seed + i
+            children.append(Request(f"{request_id}-{i}" if params.n > 1 else request_id,
+                                    token_ids, params, self.eos_token_ids, max_tokens=max_tokens,
+                                    seed=seed))
+        taken = [c.request_id for c in children if c.request_id in self.scheduler.requests]
+        if taken:
+            raise ValueError(f"request_id: {taken[0]!r} is already in use")
+        for child in children:
+            self.scheduler.add_request(child)
+        self.outputs.add(request_id, text, token_ids, params, children)
+        return request_id
+
+    def abort_request(self, request_ids) -> list[RequestOutput]:
+        child_ids = []
+        for rid in request_ids:
+            group = self.outputs.groups.get(rid)
+            if group is not None:
+                child_ids += [s.request.request_id for s in group.sequences]
+        self.scheduler.finish_requests(child_ids, RequestStatus.FINISHED_ABORTED)
+        return self.outputs.finish_aborted(child_ids)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    # ---- one step ------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        result = self.executor.execute(sched)
+        updates = self.scheduler.update(sched, result)
+        outputs, stopped = self.outputs.process(updates)
+        if stopped:
+            self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
+        return outputs
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()

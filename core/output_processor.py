@@ -1,0 +1,156 @@
+"""Turns the scheduler's per-step token updates into RequestOutputs: incremental
+detokenization, stop strings, logprobs, and the n sequences of one request gathered together."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from tokenizers.decoders import DecodeStream
+
+from loom.outputs import CompletionOutput, Logprob, RequestOutput
+from loom.request import Request
+from loom.sampling_params import SamplingParams
+from loom.scheduler import RequestUpdate
+from loom.scheduler_output import TokenLogprobs
+
+DETOKENIZE_CONTEXT = 6   # prompt tokens fed to the decoder first, for the right leading space
+
+
+@dataclass
+class SequenceState:
+    request: Request
+    index: int
+    stream: DecodeStream
+    text: str = ""
+    logprobs: list[dict[int, Logprob]] | None = None
+    cumulative_logprob: float = 0.0
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+@dataclass
+class RequestGroup:
+    """One user request: a prompt and its n sequences."""
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    sequences: list[SequenceState]
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finish_reason is not None for s in self.sequences)
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.backend = tokenizer.backend_tokenizer
+        self.groups: dict[str, RequestGroup] = {}
+        self.seq_of: dict[str, tuple[RequestGroup, SequenceState]] = {}
+
+    def add(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
+            params: SamplingParams, children: list[Request]) -> None:
+        context = prompt_token_ids[-DETOKENIZE_CONTEXT:]
+        seqs = []
+        for i, child in enumerate(children):
+            stream = DecodeStream(context, skip_special_tokens=params.skip_special_tokens)
+            seqs.append(SequenceState(child, i, stream, logprobs=[] if params.logprobs is not None else None))
+        group = RequestGroup(request_id, prompt, prompt_token_ids, params, seqs)
+        self.groups[request_id] = group
+        for seq in seqs:
+            self.seq_of[seq.request.request_id] = (group, seq)
+
+    def process(self, updates: list[RequestUpdate]) -> tuple[list[RequestOutput], list[str]]:
+        """Outputs of the groups that changed, and child ids a stop string ended (to abort)."""
+        changed: dict[str, RequestGroup] = {}
+        stopped: list[str] = []
+        now = time.monotonic()
+        for update in updates:
+            entry = self.seq_of.get(update.request.request_id)
+            if entry is None:
+                continue
+            group, seq = entry
+            if group.first_token_time is None and update.new_token_ids:
+                group.first_token_time = now
+            group.last_token_time = now
+            if self._append(seq, update):
+                stopped.append(seq.request.request_id)
+            changed[group.request_id] = group
+        return [self._output(g) for g in changed.values()], stopped
+
+    def finish_aborted(self, child_ids: list[str]) -> list[RequestOutput]:
+        changed = {}
+        for cid in child_ids:
+            entry = self.seq_of.get(cid)
+            if entry is not None and entry[1].finish_reason is None:
+                entry[1].finish_reason = "abort"
+                changed[entry[0].request_id] = entry[0]
+        return [self._output(g) for g in changed.values()]
+
+    def _append(self, seq: SequenceState, update: RequestUpdate) -> bool:
+        """Detokenize the new tokens; True if a stop string ended the sequence."""
+        params = seq.request.sampling_params
+        for i, token in enumerate(update.new_token_ids):
+            piece = seq.stream.step(self.backend, token)
+            if seq.logprobs is not None and update.logprobs is not None:
+                self._add_logprobs(seq, update.logprobs[i])
+            if piece:
+                old_len = len(seq.text)
+                seq.text += piece
+                if params.stop and self._check_stop_strings(seq, old_len):
+                    extra = len(update.new_token_ids) - i - 1   # tokens past the stop string
+                    if extra:
+                        del seq.request.output_token_ids[-extra:]
+                    return True
+        if update.request.finished:
+            seq.finish_reason = update.request.finish_reason
+            seq.stop_reason = update.request.stop_reason
+        return False
+
+    def _check_stop_strings(self, seq: SequenceState, old_len: int) -> bool:
+        params = seq.request.sampling_params
+        for stop in params.stop:
+            # Only a match that ends in the new text can be new.
+            start = max(0, old_len - len(stop) + 1)
+            pos = seq.text.find(stop, start)
+            if pos != -1:
+                end = pos + len(stop) if params.include_stop_str_in_output else pos
+                seq.text = seq.text[:end]
+                seq.finish_reason = "stop"
+                seq.stop_reason = stop
+                return True
+        return False
+
+    def _add_logprobs(self, seq: SequenceState, entry: TokenLogprobs) -> None:
+        decode = self.tokenizer.decode
+        position = {tid: Logprob(lp, rank + 1, decode([tid]))
+                    for rank, (tid, lp) in enumerate(zip(entry.top_token_ids, entry.top_logprobs))}
+        position[entry.sampled_token_id] = Logprob(entry.sampled_logprob, entry.sampled_rank,
+                                                   decode([entry.sampled_token_id]))
+        seq.logprobs.append(position)
+        seq.cumulative_logprob += entry.sampled_logprob
+
+    def _output(self, group: RequestGroup) -> RequestOutput:
+        outputs = [CompletionOutput(
+            index=s.index, text=s.text, token_ids=list(s.request.output_token_ids),
+            finish_reason=s.finish_reason, stop_reason=s.stop_reason,
+            logprobs=list(s.logprobs) if s.logprobs is not None else None,
+            cumulative_logprob=s.cumulative_logprob if s.logprobs is not None else None)
+            for s in group.sequences]
+        finished = group.finished
+        metrics = {"arrival_time": group.arrival_time, "first_token_time": group.first_token_time,
+                   "last_token_time": group.last_token_time}
+        out = RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, outputs,
+                            finished, group.sequences[0].request.num_cached_tokens, metrics)
+        if finished:
+            self._forget(group)
+        return out
+
+    def _forget(self, group: RequestGroup) -> None:
+        self.groups.pop(group.request_id, None)
+        for s in group.sequences:
+            self.seq_of.pop(s.request.request_id, None)
