@@ -68,8 +68,12 @@ class EngineConfig:
         "platform plugin: auto, cpu, cuda, rocm or a third-party name"))
     attention_backend: str = field(default="auto", metadata=_opt(
         "attention plugin: auto, torch, triton, flash_attn, flashinfer or a third-party name"))
+    fused_ops: str = field(default="auto", metadata=_opt(
+        "kernels for RMSNorm, SiLU-and-mul and rotary: auto, torch, triton or a third-party name"))
     quantization: str = field(default="auto", metadata=_opt(
         "quant method: auto (from the checkpoint), none, or a registered name"))
+    skip_tokenizer_init: bool = field(default=False, metadata=_opt(
+        "load no tokenizer: prompts must be token ids and outputs carry no text"))
     load_format: str = field(default="auto", metadata=_opt(
         "auto/safetensors read the checkpoint; dummy builds random weights from config.json",
         choices=LOAD_FORMATS))

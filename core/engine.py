@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from loom import ops
 from loom.config import ConfigError, EngineConfig
 from loom.executor import Executor, UniProcExecutor
 from loom.kv_cache import KVCacheManager
@@ -93,12 +94,16 @@ class Engine:
         quant = pm.quant_method(config.quantization, r.model_config.quantization_config)
         quant.check_platform(self.platform, r.dtype)
         model_cls = pm.model_class(r.model_config.architecture)
-        self.tokenizer = load_tokenizer(config.tokenizer or r.model_path)
+        fused = pm.fused_ops(config.fused_ops, self.platform)
+        ops.use(fused)
+        self.tokenizer = (None if config.skip_tokenizer_init
+                          else load_tokenizer(config.tokenizer or r.model_path))
         self.generation_config = load_generation_config(r.model_path)
         if config.seed is not None:
             torch.manual_seed(config.seed)
-        logger.info("loom: %s on %s, attention %s, quantization %s, dtype %s", r.model_path,
-                    self.platform.describe(), attn_cls.name, quant.name, r.dtype)
+        logger.info("loom: %s on %s, attention %s, fused ops %s, quantization %s, dtype %s",
+                    r.model_path, self.platform.describe(), attn_cls.name, fused.name, quant.name,
+                    r.dtype)
         runner = ModelRunner(config, r.model_config, self.platform, attn_cls, quant, model_cls,
                              r.dtype, r.block_size, r.max_model_len)
         self.executor: Executor = UniProcExecutor(runner)
@@ -123,6 +128,9 @@ class Engine:
 
     # ---- requests ------------------------------------------------------------------------
     def tokenize(self, prompt: str) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError("prompt: text needs a tokenizer, but skip-tokenizer-init is set; "
+                             "pass token ids")
         return self.tokenizer.encode(prompt)
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
@@ -130,6 +138,9 @@ class Engine:
         """Validate and queue one request (``n`` sequences). Bad input raises ValueError and
         leaves the running requests untouched."""
         params = params or SamplingParams()
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop: stop strings need a tokenizer, but skip-tokenizer-init is "
+                             "set; use stop_token_ids")
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.outputs.groups:
             raise ValueError(f"request_id: {request_id!r} is already in use")

@@ -14,7 +14,8 @@ class Executor:
     """What the engine needs from whoever runs the model."""
 
     def determine_num_blocks(self) -> int:
-        """Size the KV cache (from the config or by profiling), allocate it, return its blocks."""
+        """Size the KV cache (from the config or by profiling), allocate it, capture graphs,
+        return the number of blocks."""
         raise NotImplementedError
 
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
@@ -31,6 +32,7 @@ class UniProcExecutor(Executor):
     def determine_num_blocks(self) -> int:
         num_blocks = self.runner.determine_num_blocks()
         self.runner.allocate_kv_cache(num_blocks)
+        self.runner.capture_graphs()
         return num_blocks
 
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:

@@ -53,6 +53,17 @@ def loom_quant_methods():
 
 
 @hookspec
+def loom_fused_ops():
+    """Return a list of FusedOps subclasses (see ``loom.ops.FusedOps``).
+
+    Each class has a unique ``name`` selected by ``fused-ops`` and overrides some of the hot
+    ops (RMSNorm with residual, SiLU-and-mul, rotary) with faster kernels; what it does not
+    override stays the torch reference. ``auto`` takes the platform's ``default_fused_ops``
+    in order and uses the first registered one whose ``is_supported(platform)`` is true.
+    """
+
+
+@hookspec
 def loom_model_architectures():
     """Return a list of model classes (``torch.nn.Module`` subclasses).
 

@@ -2,6 +2,7 @@
 
 A step's tokens are laid out flat, decodes first, then prefill chunks. The runner keeps each
 request's tokens and block table between steps; the scheduler sends only what changed.
+Decode-only steps replay captured device graphs when the platform and backend allow it.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 
 from loom.attention import AttentionBackend, AttentionMetadata
 from loom.config import EngineConfig
+from loom.cuda_graphs import DecodeGraphs
 from loom.model_config import ModelConfig
 from loom.platform import Platform
 from loom.sampler import Sampler, SamplingRow
@@ -21,6 +23,7 @@ from loom.sampling_params import SamplingParams
 from loom.scheduler_output import ModelRunnerOutput, SchedulerOutput
 
 logger = logging.getLogger("loom")
+GiB = 1 << 30
 
 
 @dataclass
@@ -36,13 +39,26 @@ class RequestState:
 
 
 @dataclass
-class StepInputs:
+class HostBatch:
+    """One step's inputs as host arrays, sequences ordered decodes first."""
     req_ids: list[str]
-    input_ids: torch.Tensor
-    positions: torch.Tensor
-    metadata: AttentionMetadata
-    logits_indices: torch.Tensor
+    input_ids: np.ndarray         # [T] int64
+    positions: np.ndarray         # [T] int64
+    slot_mapping: np.ndarray      # [T] int64
+    query_start: np.ndarray       # [S+1] int32
+    seq_lens: np.ndarray          # [S] int32: cached tokens after this step
+    block_table: np.ndarray       # [S, max_blocks] int32
+    num_decodes: int
+    logits_indices: np.ndarray    # rows of the hidden states that sample
     sampling_req_ids: list[str]
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.req_ids)
+
+    @property
+    def decode_only(self) -> bool:
+        return self.num_decodes == self.num_seqs
 
 
 class ModelRunner:
@@ -65,13 +81,14 @@ class ModelRunner:
         self.model = load_model(mc, model_cls, quant_method, self.attn, dtype, self.device,
                                 config.load_format, seed=config.seed)
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        logger.info("loaded weights: %.3f GB in %.1f s", self.weight_bytes / 1e9,
+        logger.info("weights: %.2f GB, loaded in %.1f s", self.weight_bytes / 1e9,
                     time.perf_counter() - start)
         self.sampler = Sampler()
         self.requests: dict[str, RequestState] = {}
         self.eos_token_ids = frozenset(mc.eos_token_ids)
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
+        self.graphs: DecodeGraphs | None = None
 
     # ---- KV cache ------------------------------------------------------------------------
     def kv_block_bytes(self) -> int:
@@ -88,24 +105,58 @@ class ModelRunner:
             return config.num_gpu_blocks_override
         block_bytes = self.kv_block_bytes()
         if config.kv_cache_memory_gb is not None:
-            budget = int(config.kv_cache_memory_gb * (1 << 30))
+            budget = int(config.kv_cache_memory_gb * GiB)
         elif self.platform.default_kv_cache_gb is not None:
             # No reason to reserve more than every sequence slot at full length can use.
             full = config.max_num_seqs * -(-self.max_model_len // self.block_size) * block_bytes
-            budget = min(int(self.platform.default_kv_cache_gb * (1 << 30)), full)
+            budget = min(int(self.platform.default_kv_cache_gb * GiB), full)
         else:
             budget = self.profile_kv_budget()
-        num_blocks = budget // block_bytes
-        logger.info("KV cache: %d blocks of %d tokens (%d tokens, %.2f GB)", num_blocks,
+        num_blocks = max(budget // block_bytes, 0)
+        logger.info("KV cache: %d blocks of %d tokens = %d tokens, %.2f GB", num_blocks,
                     self.block_size, num_blocks * self.block_size, num_blocks * block_bytes / 1e9)
         return num_blocks
 
     def profile_kv_budget(self) -> int:
-        """Device memory the KV cache may take: the utilization share of the device, less the
-        weights and the peak of one maximal step."""
-        raise NotImplementedError(
-            f"KV-cache sizing by profiling is not implemented on {self.platform.name}; "
-            "set kv-cache-memory-gb or num-gpu-blocks-override")
+        """Bytes the KV cache may take: gpu-memory-utilization of the device, less what is in
+        use now (weights, context, workspaces) and the activation peak of a maximal step."""
+        p = self.platform
+        p.synchronize()
+        p.empty_cache()
+        p.reset_peak_memory_stats()
+        before = p.memory_allocated()
+        self._profile_run()
+        p.synchronize()
+        activation_peak = p.peak_memory_allocated() - before
+        p.empty_cache()
+        free, total = p.memory_info()
+        budget = int(total * self.config.gpu_memory_utilization) - (total - free) - activation_peak
+        logger.info("memory: %.1f GB total, %.1f GB in use after loading, %.2f GB activation peak"
+                    " -> %.1f GB for the KV cache (gpu-memory-utilization %.2f)", total / 1e9,
+                    (total - free) / 1e9, activation_peak / 1e9, budget / 1e9,
+                    self.config.gpu_memory_utilization)
+        return max(budget, 0)
+
+    @torch.inference_mode()
+    def _profile_run(self) -> None:
+        """A step of max-num-batched-tokens prefill tokens over a throwaway cache, plus the
+        logits and sampling of max-num-seqs rows."""
+        tokens = self.scheduler_token_budget()
+        num_seqs = max(1, min(self.config.max_num_seqs, tokens))
+        per_seq = -(-tokens // num_seqs)
+        blocks_per_seq = -(-per_seq // self.block_size)
+        self.allocate_kv_cache(num_seqs * blocks_per_seq)
+        lens = [per_seq] * (tokens // per_seq) + ([tokens % per_seq] if tokens % per_seq else [])
+        hb = _dummy_prefill(lens, blocks_per_seq, self.block_size)
+        input_ids, positions, metadata = self._eager_inputs(hb)
+        hidden = self.model(input_ids, positions, self.kv_caches, self.attn.build_metadata(metadata))
+        rows = hidden[:1].expand(num_seqs, -1)
+        torch.softmax(self.model.compute_logits(rows).float(), dim=-1)
+        self.kv_caches = []
+
+    def scheduler_token_budget(self) -> int:
+        from loom.engine import DEFAULT_BATCHED_TOKENS
+        return self.config.max_num_batched_tokens or DEFAULT_BATCHED_TOKENS
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         mc = self.model_config
@@ -114,6 +165,14 @@ class ModelRunner:
         self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
                           for _ in range(mc.num_hidden_layers)]
         self.num_blocks = num_blocks
+
+    def capture_graphs(self) -> None:
+        """Capture decode graphs, when the platform and the attention backend support them."""
+        if self.config.enforce_eager or not (self.platform.supports_graphs
+                                             and self.attn.supports_graphs):
+            return
+        self.graphs = DecodeGraphs(self, self.config.cuda_graph_sizes)
+        self.graphs.capture()
 
     # ---- per-step state ------------------------------------------------------------------
     def _update_states(self, sched: SchedulerOutput) -> None:
@@ -133,13 +192,13 @@ class ModelRunner:
             state.block_ids.extend(cached.new_block_ids)
             state.num_computed_tokens = cached.num_computed_tokens
 
-    def _prepare(self, sched: SchedulerOutput) -> StepInputs:
+    def _host_batch(self, sched: SchedulerOutput) -> HostBatch:
         counts = sched.num_scheduled_tokens
         # Decodes (one query token) first: backends split the batch at num_decodes.
         order = sorted(counts, key=lambda rid: counts[rid] != 1)
         states = [self.requests[rid] for rid in order]
         num_new = np.array([counts[rid] for rid in order], dtype=np.int64)
-        seq_lens = np.array([len(s.token_ids) for s in states], dtype=np.int64)
+        known = np.array([len(s.token_ids) for s in states], dtype=np.int64)
         starts = np.array([s.num_computed_tokens for s in states], dtype=np.int64)
         ends = starts + num_new
         query_start = np.zeros(len(states) + 1, dtype=np.int64)
@@ -156,26 +215,25 @@ class ModelRunner:
             block_table[i, :len(s.block_ids)] = s.block_ids
         bs = self.block_size
         slots = block_table[req_idx, positions // bs].astype(np.int64) * bs + positions % bs
-        sampling = ends == seq_lens          # caught up: this step's last token samples
-        logits_idx = query_start[1:][sampling] - 1
-        num_decodes = int((num_new == 1).sum())
+        sampling = ends == known             # caught up: this step's last token samples
+        return HostBatch(order, input_ids, positions, slots, query_start.astype(np.int32),
+                         ends.astype(np.int32), block_table, int((num_new == 1).sum()),
+                         query_start[1:][sampling] - 1,
+                         [order[i] for i in np.flatnonzero(sampling)])
+
+    def _eager_inputs(self, hb: HostBatch):
         dev = self.device
-        qsl_cpu = torch.from_numpy(query_start.astype(np.int32))
-        lens_cpu = torch.from_numpy(ends.astype(np.int32))
+        qsl_cpu = torch.from_numpy(hb.query_start)
+        lens_cpu = torch.from_numpy(hb.seq_lens)
         metadata = AttentionMetadata(
-            num_seqs=len(states), num_decodes=num_decodes, num_tokens=total,
-            max_query_len=int(num_new.max()), max_seq_len=int(ends.max()),
+            num_seqs=hb.num_seqs, num_decodes=hb.num_decodes, num_tokens=len(hb.input_ids),
+            max_query_len=int(np.diff(hb.query_start).max()), max_seq_len=int(hb.seq_lens.max()),
             query_start_loc=qsl_cpu.to(dev), seq_lens=lens_cpu.to(dev),
-            block_tables=torch.from_numpy(block_table).to(dev),
-            slot_mapping=torch.from_numpy(slots).to(dev),
-            query_start_loc_cpu=qsl_cpu, seq_lens_cpu=lens_cpu, block_size=bs)
-        return StepInputs(
-            req_ids=order,
-            input_ids=torch.from_numpy(input_ids).to(dev),
-            positions=torch.from_numpy(positions).to(dev),
-            metadata=metadata,
-            logits_indices=torch.from_numpy(logits_idx).to(dev),
-            sampling_req_ids=[order[i] for i in np.flatnonzero(sampling)])
+            block_tables=torch.from_numpy(hb.block_table).to(dev),
+            slot_mapping=torch.from_numpy(hb.slot_mapping).to(dev),
+            query_start_loc_cpu=qsl_cpu, seq_lens_cpu=lens_cpu, block_size=self.block_size)
+        return (torch.from_numpy(hb.input_ids).to(dev), torch.from_numpy(hb.positions).to(dev),
+                metadata)
 
     def _sampling_rows(self, req_ids: list[str]) -> list[SamplingRow]:
         rows = []
@@ -196,12 +254,32 @@ class ModelRunner:
         self._update_states(sched)
         if sched.is_empty:
             return ModelRunnerOutput()
-        inputs = self._prepare(sched)
-        metadata = self.attn.build_metadata(inputs.metadata)
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, metadata)
-        if not inputs.sampling_req_ids:
+        hb = self._host_batch(sched)
+        if self.graphs is not None and self.graphs.can_run(hb):
+            hidden = self.graphs.run(hb)
+        else:
+            input_ids, positions, metadata = self._eager_inputs(hb)
+            hidden = self.model(input_ids, positions, self.kv_caches,
+                                self.attn.build_metadata(metadata))
+        if not hb.sampling_req_ids:
             return ModelRunnerOutput()
-        logits = self.model.compute_logits(hidden[inputs.logits_indices])
-        tokens, logprobs = self.sampler(logits, self._sampling_rows(inputs.sampling_req_ids))
-        return ModelRunnerOutput(inputs.sampling_req_ids, [[t] for t in tokens], logprobs)
+        indices = torch.from_numpy(hb.logits_indices).to(self.device)
+        logits = self.model.compute_logits(hidden[indices])
+        tokens, logprobs = self.sampler(logits, self._sampling_rows(hb.sampling_req_ids))
+        return ModelRunnerOutput(hb.sampling_req_ids, [[t] for t in tokens], logprobs)
 
+
+def _dummy_prefill(lens: list[int], blocks_per_seq: int, block_size: int) -> HostBatch:
+    """A prefill-only batch of fresh sequences of the given lengths over distinct blocks."""
+    lens_arr = np.array(lens, dtype=np.int64)
+    query_start = np.zeros(len(lens) + 1, dtype=np.int64)
+    np.cumsum(lens_arr, out=query_start[1:])
+    req_idx = np.repeat(np.arange(len(lens)), lens_arr)
+    positions = np.arange(int(query_start[-1])) - query_start[req_idx]
+    block_table = (np.arange(len(lens) * blocks_per_seq, dtype=np.int32)
+                   .reshape(len(lens), blocks_per_seq))
+    slots = block_table[req_idx, positions // block_size].astype(np.int64) * block_size \
+        + positions % block_size
+    return HostBatch([str(i) for i in range(len(lens))], np.zeros_like(positions), positions,
+                     slots, query_start.astype(np.int32), lens_arr.astype(np.int32), block_table,
+                     0, query_start[1:] - 1, [])

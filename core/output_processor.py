@@ -47,8 +47,8 @@ class RequestGroup:
 
 class OutputProcessor:
     def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.backend = tokenizer.backend_tokenizer
+        self.tokenizer = tokenizer          # None: token ids only, no text
+        self.backend = tokenizer.backend_tokenizer if tokenizer is not None else None
         self.groups: dict[str, RequestGroup] = {}
         self.seq_of: dict[str, tuple[RequestGroup, SequenceState]] = {}
 
@@ -95,7 +95,7 @@ class OutputProcessor:
         """Detokenize the new tokens; True if a stop string ended the sequence."""
         params = seq.request.sampling_params
         for i, token in enumerate(update.new_token_ids):
-            piece = seq.stream.step(self.backend, token)
+            piece = seq.stream.step(self.backend, token) if self.backend is not None else None
             if seq.logprobs is not None and update.logprobs is not None:
                 self._add_logprobs(seq, update.logprobs[i])
             if piece:
@@ -126,7 +126,7 @@ class OutputProcessor:
         return False
 
     def _add_logprobs(self, seq: SequenceState, entry: TokenLogprobs) -> None:
-        decode = self.tokenizer.decode
+        decode = self.tokenizer.decode if self.tokenizer is not None else (lambda ids: None)
         position = {tid: Logprob(lp, rank + 1, decode([tid]))
                     for rank, (tid, lp) in enumerate(zip(entry.top_token_ids, entry.top_logprobs))}
         position[entry.sampled_token_id] = Logprob(entry.sampled_logprob, entry.sampled_rank,

@@ -16,6 +16,7 @@ class Platform:
     fp8_dtype: torch.dtype | None = None
     supports_graphs: bool = False
     default_attention_backends: tuple[str, ...] = ("torch",)
+    default_fused_ops: tuple[str, ...] = ("torch",)
     auto_priority: int = 0             # platform: auto picks the available one with the highest
     default_kv_cache_gb: float | None = None  # KV budget when not profiled (None: profile)
 
@@ -47,6 +48,10 @@ class Platform:
     def reset_peak_memory_stats(self, index: int = 0) -> None:
         pass
 
+    def memory_allocated(self, index: int = 0) -> int:
+        """Bytes held by live tensors on the device."""
+        return 0
+
     def preferred_dtype(self, checkpoint_dtype: torch.dtype) -> torch.dtype:
         """The dtype used for ``dtype: auto`` given the checkpoint's dtype."""
         if checkpoint_dtype in self.supported_dtypes:
@@ -61,6 +66,14 @@ class Platform:
         """A new, empty device graph (``torch.cuda.CUDAGraph`` on CUDA and HIP)."""
         raise NotImplementedError(f"platform {self.name!r} does not support graphs")
 
+    def graph_pool(self):
+        """A memory pool handle that captured graphs share."""
+        raise NotImplementedError(f"platform {self.name!r} does not support graphs")
+
+    def capture(self, graph, pool, stream) -> AbstractContextManager:
+        """The context in which work issued on ``stream`` is recorded into ``graph``."""
+        raise NotImplementedError(f"platform {self.name!r} does not support graphs")
+
     def describe(self) -> str:
         return self.name
 
@@ -73,6 +86,7 @@ class TorchCudaPlatform(Platform):
     supported_dtypes = (torch.bfloat16, torch.float16, torch.float32)
     supports_graphs = True
     default_attention_backends = ("triton", "torch")
+    default_fused_ops = ("triton", "torch")
     auto_priority = 10
 
     def set_device(self, index: int) -> None:
@@ -93,6 +107,9 @@ class TorchCudaPlatform(Platform):
     def reset_peak_memory_stats(self, index: int = 0) -> None:
         torch.cuda.reset_peak_memory_stats(index)
 
+    def memory_allocated(self, index: int = 0) -> int:
+        return torch.cuda.memory_allocated(index)
+
     @contextmanager
     def graph_capture(self):
         """Yields a side stream, current inside the block, to pass to ``torch.cuda.graph``."""
@@ -104,3 +121,9 @@ class TorchCudaPlatform(Platform):
 
     def make_graph(self):
         return torch.cuda.CUDAGraph()
+
+    def graph_pool(self):
+        return torch.cuda.graph_pool_handle()
+
+    def capture(self, graph, pool, stream):
+        return torch.cuda.graph(graph, pool=pool, stream=stream)

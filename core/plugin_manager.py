@@ -8,6 +8,7 @@ silently, and an explicitly requested plugin (``LOOM_PLUGINS``) that fails to lo
 from __future__ import annotations
 
 import difflib
+import importlib
 import logging
 import os
 import textwrap
@@ -30,13 +31,16 @@ logger = logging.getLogger(__name__)
 
 BUILTIN_DISTRIBUTION = "loom"
 UNQUANTIZED = "none"
-KINDS = ("platform", "attention_backend", "quant_method", "model_architecture")
+KINDS = ("platform", "attention_backend", "quant_method", "fused_ops", "model_architecture")
 _HOOK_OF_KIND = {
     "platform": "loom_platforms",
     "attention_backend": "loom_attention_backends",
     "quant_method": "loom_quant_methods",
+    "fused_ops": "loom_fused_ops",
     "model_architecture": "loom_model_architectures",
 }
+# Core's own built-ins, registered as plugins like any other.
+CORE_PLUGINS = ("loom.models.registry", "loom.ops")
 
 
 class PluginError(RuntimeError):
@@ -116,11 +120,11 @@ class PluginManager:
                                "traceback", ep.name, ep.value, exc)
         if allowed:
             self._check_allowed(allowed)
-        # Core's own model architectures are a plugin like any other.
-        from loom.models import registry as model_registry
-        if "loom.models" not in self.infos:
-            self.register(model_registry, name="loom.models", distribution=BUILTIN_DISTRIBUTION,
-                          version=_dist_version(BUILTIN_DISTRIBUTION), builtin=True)
+        for module_name in CORE_PLUGINS:
+            if module_name not in self.infos:
+                self.register(importlib.import_module(module_name), name=module_name,
+                              distribution=BUILTIN_DISTRIBUTION,
+                              version=_dist_version(BUILTIN_DISTRIBUTION), builtin=True)
 
     def _check_allowed(self, allowed: list[str]) -> None:
         failed = {e.name: e for e in self.load_errors}
@@ -242,24 +246,32 @@ class PluginManager:
     def attention_backend(self, name: str, platform: Platform) -> type[AttentionBackend]:
         """An AttentionBackend class; ``auto`` is the first of the platform's defaults that is
         registered and supported on it."""
+        return self._for_platform("attention_backend", name, platform,
+                                  platform.default_attention_backends)
+
+    def fused_ops(self, name: str, platform: Platform):
+        """A FusedOps instance; ``auto`` as for attention backends, from ``default_fused_ops``."""
+        return self._for_platform("fused_ops", name, platform, platform.default_fused_ops)()
+
+    def _for_platform(self, kind: str, name: str, platform: Platform, defaults):
+        what = kind.replace("_", " ")
         if name == "auto":
-            registry = self._build_registry()["attention_backend"]
-            for candidate in platform.default_attention_backends:
+            registry = self._build_registry()[kind]
+            for candidate in defaults:
                 if candidate in registry and registry[candidate][0].is_supported(platform):
                     return registry[candidate][0]
             raise PluginError(
-                f"none of platform {platform.name!r}'s default attention backends "
-                f"({', '.join(platform.default_attention_backends)}) is registered and supported; "
-                f"supported there: {self._supported_backends(platform)}")
-        cls = self.get("attention_backend", name)
+                f"none of platform {platform.name!r}'s default {what} choices "
+                f"({', '.join(defaults)}) is registered and supported; "
+                f"supported there: {self._supported(kind, platform)}")
+        cls = self.get(kind, name)
         if not cls.is_supported(platform):
-            raise PluginError(f"attention backend {name!r} does not support platform "
-                              f"{platform.name!r}; supported there: "
-                              f"{self._supported_backends(platform)}")
+            raise PluginError(f"{what} {name!r} does not support platform {platform.name!r}; "
+                              f"supported there: {self._supported(kind, platform)}")
         return cls
 
-    def _supported_backends(self, platform: Platform) -> str:
-        names = [cls.name for cls in self.classes("attention_backend") if cls.is_supported(platform)]
+    def _supported(self, kind: str, platform: Platform) -> str:
+        names = [cls.name for cls in self.classes(kind) if cls.is_supported(platform)]
         return ", ".join(names) or "(none)"
 
     def quant_method(self, name: str, quantization_config: dict | None) -> QuantMethod:

@@ -242,3 +242,15 @@ def test_bad_model_dirs(tiny_models, tmp_path, setup, match):
         weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 3])
     with pytest.raises(ValueError, match=match):
         make_llm(path)
+
+
+def test_skip_tokenizer_init_takes_token_ids(tiny_models, hf_reference):
+    path = tiny_models["llama"]
+    llm = make_llm(path, skip_tokenizer_init=True)
+    ids = make_llm(path).get_tokenizer().encode(PROMPTS[0])
+    out = llm.generate([ids], greedy(), use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == hf_reference(path, ids)[0] and out.text == ""
+    with pytest.raises(ValueError, match="skip-tokenizer-init"):
+        llm.generate(["text"], greedy(), use_tqdm=False)
+    with pytest.raises(ValueError, match="stop:"):
+        llm.generate([ids], greedy(stop=["x"]), use_tqdm=False)

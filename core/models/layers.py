@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loom import ops
 from loom.quant import QuantMethod
 
 
@@ -21,18 +22,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size))
 
-    def _norm(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
-
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """norm(x); with ``residual``: (norm(x + residual), x + residual)."""
         if residual is None:
-            return self._norm(x)
-        x = x + residual
-        return self._norm(x), x
+            return ops.active().rms_norm(x, self.weight, self.eps)
+        return ops.active().add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class RotaryEmbedding(nn.Module):
@@ -49,15 +43,7 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         """q [T, H, D] and k [T, KVH, D] rotated by their token's position."""
-        cos, sin = self.cos_sin_cache[positions].chunk(2, dim=-1)
-        cos = torch.cat((cos, cos), dim=-1).unsqueeze(1)
-        sin = torch.cat((sin, sin), dim=-1).unsqueeze(1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos.to(x.dtype) + torch.cat((-x2, x1), dim=-1) * sin.to(x.dtype)
+        return ops.active().rotary(positions, q, k, self.cos_sin_cache)
 
 
 def _inv_freq(head_dim: int, base: float, rope_scaling: dict | None) -> torch.Tensor:
@@ -88,8 +74,7 @@ class SiluAndMul(nn.Module):
     """silu(x[..., :n]) * x[..., n:] for x [..., 2n] (the fused gate|up output)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = x.chunk(2, dim=-1)
-        return F.silu(gate) * up
+        return ops.active().silu_and_mul(x)
 
 
 class VocabEmbedding(nn.Module):

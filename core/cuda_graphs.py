@@ -1,0 +1,109 @@
+"""Decode steps as captured device graphs (CUDA graphs; HIP graphs on ROCm, same torch API).
+
+One graph per batch-size bucket, captured once over persistent input buffers. A decode-only
+step of n sequences copies its inputs into the buffers, pads to the next bucket (padding
+sequences have seq_len 0 and slot -1: they read and write nothing), and replays the graph.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from loom.attention import AttentionMetadata
+
+if TYPE_CHECKING:
+    from loom.model_runner import HostBatch, ModelRunner
+
+logger = logging.getLogger("loom")
+DEFAULT_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512)
+
+
+class DecodeGraphs:
+    def __init__(self, runner: "ModelRunner", sizes: list[int] | None):
+        limit = runner.config.max_num_seqs
+        chosen = sorted({s for s in (sizes or DEFAULT_SIZES) if s <= limit})
+        if not sizes and (not chosen or chosen[-1] < limit):
+            chosen.append(limit)            # default buckets always cover max-num-seqs
+        self.sizes = chosen
+        self.runner = runner
+        self.max_size = chosen[-1] if chosen else 0
+        max_blocks = -(-runner.max_model_len // runner.block_size)
+        dev = runner.device
+        n = self.max_size
+        self.input_ids = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=dev)
+        self.seq_lens = torch.zeros(n, dtype=torch.int32, device=dev)
+        self.block_tables = torch.zeros((n, max_blocks), dtype=torch.int32, device=dev)
+        self.query_start = torch.arange(n + 1, dtype=torch.int32, device=dev)
+        # Pinned host staging: one asynchronous copy per buffer per step.
+        pin = dev.type == "cuda"
+        self.host = {name: torch.zeros(t.shape, dtype=t.dtype, pin_memory=pin)
+                     for name, t in self._buffers().items()}
+        self.copied = torch.Event(device=dev)     # the last step's copies out of staging
+        self.graphs: dict[int, tuple[object, torch.Tensor]] = {}
+
+    def _buffers(self) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.input_ids, "positions": self.positions,
+                "slot_mapping": self.slot_mapping, "seq_lens": self.seq_lens,
+                "block_tables": self.block_tables}
+
+    def _metadata(self, size: int):
+        r = self.runner
+        common = AttentionMetadata(
+            num_seqs=size, num_decodes=size, num_tokens=size, max_query_len=1,
+            max_seq_len=r.max_model_len, query_start_loc=self.query_start[:size + 1],
+            seq_lens=self.seq_lens[:size], block_tables=self.block_tables[:size],
+            slot_mapping=self.slot_mapping[:size],
+            query_start_loc_cpu=torch.arange(size + 1, dtype=torch.int32),
+            seq_lens_cpu=torch.zeros(size, dtype=torch.int32), block_size=r.block_size)
+        return r.attn.build_metadata(common)
+
+    def _forward(self, size: int) -> torch.Tensor:
+        r = self.runner
+        return r.model(self.input_ids[:size], self.positions[:size], r.kv_caches,
+                       self._metadata(size))
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        platform = self.runner.platform
+        start = time.perf_counter()
+        pool = platform.graph_pool()
+        with platform.graph_capture() as stream:
+            for size in reversed(self.sizes):      # largest first: later ones reuse its pool
+                self._forward(size)                # warm-up: kernels compiled, workspaces made
+                graph = platform.make_graph()
+                with platform.capture(graph, pool, stream):
+                    out = self._forward(size)
+                self.graphs[size] = (graph, out)
+        platform.synchronize()
+        logger.info("captured %d decode graphs (batch sizes %s) in %.1f s", len(self.graphs),
+                    ",".join(map(str, self.sizes)), time.perf_counter() - start)
+
+    def can_run(self, hb: "HostBatch") -> bool:
+        return hb.decode_only and hb.num_seqs <= self.max_size
+
+    def run(self, hb: "HostBatch") -> torch.Tensor:
+        n = hb.num_seqs
+        size = next(s for s in self.sizes if s >= n)
+        self.copied.synchronize()                  # staging is free to overwrite
+        h = self.host
+        h["input_ids"][:n] = torch.from_numpy(hb.input_ids)
+        h["positions"][:n] = torch.from_numpy(hb.positions)
+        h["slot_mapping"][:n] = torch.from_numpy(hb.slot_mapping)
+        h["slot_mapping"][n:size] = -1
+        h["seq_lens"][:n] = torch.from_numpy(hb.seq_lens)
+        h["seq_lens"][n:size] = 0
+        width = hb.block_table.shape[1]
+        h["block_tables"][:n, :width] = torch.from_numpy(hb.block_table)
+        for name, buf in self._buffers().items():
+            rows = size if name != "block_tables" else n
+            buf[:rows].copy_(h[name][:rows], non_blocking=True)
+        self.copied.record()
+        graph, out = self.graphs[size]
+        graph.replay()
+        return out[:n]

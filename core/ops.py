@@ -1,0 +1,68 @@
+"""Fused hot ops of the model: RMSNorm (with the residual add), SiLU-and-mul, rotary embedding.
+
+``FusedOps`` is both the interface and its torch reference twin, numerically what Hugging Face
+transformers computes. Plugins register faster subclasses through ``loom_fused_ops``; the
+engine picks one (``fused-ops`` in the config) and makes it active before building the model.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from loom.hookspecs import hookimpl
+
+
+class FusedOps:
+    name = "torch"
+
+    @classmethod
+    def is_supported(cls, platform) -> bool:
+        return True
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        dtype = x.dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        return weight * xf.to(dtype)
+
+    def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rms_norm(x + residual), x + residual); the add in the model dtype."""
+        x = x + residual
+        return self.rms_norm(x, weight, eps), x
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(x[..., :n]) * x[..., n:] for x [..., 2n]."""
+        gate, up = x.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    def rotary(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+               cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate-half (neox) rope: q [T, H, D], k [T, KVH, D]; cache [max_pos, D] = cos|sin."""
+        cos, sin = cos_sin_cache[positions].chunk(2, dim=-1)
+        cos = torch.cat((cos, cos), dim=-1).unsqueeze(1)
+        sin = torch.cat((sin, sin), dim=-1).unsqueeze(1)
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos.to(x.dtype) + torch.cat((-x2, x1), dim=-1) * sin.to(x.dtype)
+
+
+_active: FusedOps = FusedOps()
+
+
+def active() -> FusedOps:
+    """The fused ops the model layers call."""
+    return _active
+
+
+def use(ops: FusedOps) -> None:
+    global _active
+    _active = ops
+
+
+@hookimpl
+def loom_fused_ops():
+    return [FusedOps]
