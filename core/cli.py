@@ -1,7 +1,8 @@
-"""The `loom` command: generate | plugins (serve and bench register their own subcommands)."""
+"""The `loom` command: generate | bench | plugins (serve registers its own subcommand)."""
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import sys
@@ -51,6 +52,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(sub) -> None:
+    """Register `loom bench latency | throughput`, each with the engine flags."""
+    from loom.bench import latency, throughput
+
+    bench = sub.add_parser("bench", help="benchmark latency or offline throughput")
+    kinds = bench.add_subparsers(dest="benchmark", required=True)
+    for module in (latency, throughput):
+        parser = kinds.add_parser(module.NAME, help=module.HELP)
+        _add_config_args(parser)
+        module.add_args(parser)
+        parser.set_defaults(func=functools.partial(_run_bench, module))
+
+
+def _run_bench(module, args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    if args.print_config:
+        print(config.to_yaml(), end="")
+        return 0
+    return module.main(config, args)
+
+
 def cmd_plugins(args: argparse.Namespace) -> int:
     from loom.plugin_manager import format_report, get_plugin_manager
 
@@ -76,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.set_defaults(func=cmd_generate)
 
+    cmd_bench(sub)
+
     plugins = sub.add_parser("plugins", help="list plugins, what they register, and load errors")
     plugins.set_defaults(func=cmd_plugins)
     return parser
@@ -84,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = ["loom", *(sys.argv[1:] if argv is None else argv)]
     logging.basicConfig(level=getattr(logging, args.log_level), format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)

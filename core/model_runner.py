@@ -17,6 +17,7 @@ from loom.attention import AttentionBackend, AttentionMetadata
 from loom.config import EngineConfig
 from loom.cuda_graphs import DecodeGraphs
 from loom.model_config import ModelConfig
+from loom.models.layers import VocabEmbedding
 from loom.platform import Platform
 from loom.sampler import Sampler, SamplingRow
 from loom.sampling_params import SamplingParams
@@ -81,6 +82,7 @@ class ModelRunner:
         self.model = load_model(mc, model_cls, quant_method, self.attn, dtype, self.device,
                                 config.load_format, seed=config.seed)
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        self.decode_weight_bytes = self.weight_bytes - _gathered_bytes(self.model)
         logger.info("weights: %.2f GB, loaded in %.1f s", self.weight_bytes / 1e9,
                     time.perf_counter() - start)
         self.sampler = Sampler()
@@ -267,6 +269,13 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[indices])
         tokens, logprobs = self.sampler(logits, self._sampling_rows(hb.sampling_req_ids))
         return ModelRunnerOutput(hb.sampling_req_ids, [[t] for t in tokens], logprobs)
+
+
+def _gathered_bytes(model: torch.nn.Module) -> int:
+    """Bytes of embedding tables a decode step only gathers rows from (not tied to the head)."""
+    head = getattr(getattr(model, "lm_head", None), "weight", None)
+    return sum(m.weight.numel() * m.weight.element_size() for m in model.modules()
+               if type(m) is VocabEmbedding and m.weight is not head)
 
 
 def _dummy_prefill(lens: list[int], blocks_per_seq: int, block_size: int) -> HostBatch:

@@ -1,6 +1,9 @@
 """The unquantized method: a plain dense weight [out, in] in the model dtype."""
 from __future__ import annotations
 
+import functools
+import importlib.util
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -11,6 +14,7 @@ from loom.quant import QuantMethod
 
 class Unquantized(QuantMethod):
     name = "none"
+    gemv_on_cpu = False  # tests: take the GEMV path on the CPU too (needs TRITON_INTERPRET=1)
 
     @classmethod
     def matches(cls, quantization_config):
@@ -29,7 +33,21 @@ class Unquantized(QuantMethod):
             layer.register_parameter("bias", None)
 
     def apply(self, layer, x, bias):
+        """A Triton GEMV for a few rows of x (decode), where cuBLAS streams W below bandwidth."""
+        if x.is_cuda or self.gemv_on_cpu:
+            kernels = _gemv_kernels()
+            if kernels is not None and kernels.gemv_supported(x, layer.weight):
+                return kernels.gemv(x, layer.weight, bias)
         return F.linear(x, layer.weight, bias)
+
+
+@functools.cache
+def _gemv_kernels():
+    """The GEMV module, imported on first use; None without triton (an optional dependency)."""
+    if importlib.util.find_spec("triton") is None:
+        return None
+    from loom.plugins.quant.triton import gemv
+    return gemv
 
 
 @hookimpl

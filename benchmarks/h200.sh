@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Runs on the lent H200 (device tool) from the repository root:
+#   bash benchmarks/h200.sh PHASE [PHASE ...]
+# Phases: install, test, kernels, latency, throughput, compare, startup.
+# Logs and JSON results go to $OUT (fetched back) and benchmarks/results/.
+set -uo pipefail
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" benchmarks/results
+CFG=configs/llama3-8b.yaml
+log() { echo "=== $* ($(date +%T))"; }
+
+for phase in "$@"; do
+  case $phase in
+    install)
+      log install
+      python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
+      nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv
+      python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
+      ;;
+    test)
+      log "pytest -m gpu"
+      python3 -m pytest -m gpu -q -x -p no:cacheprovider tests 2>&1 | tail -25 | tee "$OUT/gpu_tests.log"
+      ;;
+    kernels)
+      log kernels
+      python3 benchmarks/kernels_ops.py --json benchmarks/results/kernels_ops_h200.json 2>&1 | tail -40
+      cp benchmarks/results/kernels_ops_h200.json "$OUT/" 2>/dev/null
+      ;;
+    latency)
+      log "latency batch 1, 128 in / 256 out"
+      loom --log-level WARNING bench latency --config $CFG --batch-size 1 --input-len 128 --output-len 256 \
+        --num-iters 5 --num-iters-warmup 2 --json "$OUT/latency_b1.json" 2>&1 | tail -20
+      ;;
+    throughput)
+      log "throughput 1000 x 1024/1024"
+      loom --log-level INFO bench throughput --config $CFG --num-prompts 1000 --input-len 1024 \
+        --output-len 1024 --json "$OUT/throughput_1000x1024x1024.json" 2>&1 | grep -v "^Processed" | tail -25
+      ;;
+    compare)
+      log "latency batch 1 vs transformers (eager and static compiled)"
+      loom --log-level WARNING bench latency --config $CFG --batch-size 1 --input-len 128 --output-len 256 \
+        --num-iters 5 --num-iters-warmup 2 --compare hf --hf-num-iters 1 --hf-num-iters-warmup 1 \
+        --json "$OUT/latency_b1_vs_hf.json" 2>&1 | tail -20
+      log "throughput 512 x 512/256 vs transformers"
+      loom --log-level WARNING bench throughput --config $CFG --num-prompts 512 --input-len 512 \
+        --output-len 256 --compare hf --hf-batch-size 256 --json "$OUT/throughput_512x512x256_vs_hf.json" 2>&1 | tail -20
+      ;;
+    *) echo "unknown phase $phase"; exit 2 ;;
+  esac
+done

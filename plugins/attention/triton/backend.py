@@ -1,0 +1,101 @@
+"""The ``triton`` attention backend: paged KV cache, mixed prefill/decode batches, split-KV decode.
+
+KV-cache layout of one layer: [2, num_blocks, block_size, num_kv_heads, head_size] (K then V),
+the same as torch_ref's, so the two can be checked against each other slot for slot.
+
+Decodes (the batch's first num_decodes sequences) run the decode kernel, split-KV when the
+batch has too few (sequence, KV head) programs to fill the device; the rest run the prefill
+kernel. Graph safety: for a decode-only batch the grids and constexprs depend only on
+num_decodes, the model's shapes, the block size and the *width* of the block table (which bounds
+the context, and is a fixed buffer when a graph is captured); no host values (max_seq_len,
+max_query_len, the *_cpu tensors) are read and nothing syncs. Other batches run eagerly.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from loom.attention import AttentionBackend, AttentionMetadata
+
+# Launch configuration: first tuned on an H200 (bf16, 32 heads / 8 KV heads, head size 128).
+DECODE_TILE = 64          # keys per inner-loop step of the decode kernel
+DECODE_WARPS = 2
+PREFILL_TILE = 64         # keys per inner-loop step of the prefill kernel
+PREFILL_BLOCK_M = 64      # query rows (tokens x group heads) per prefill program, long chunks
+MIN_BLOCK_M = 16          # ... short chunks (e.g. speculative tokens)
+PREFILL_WARPS = 4
+PROGRAMS_PER_SM = 4       # split-KV decode aims at this many programs per SM
+MIN_SPLIT_TOKENS = 256    # no split covers less than this much of the longest possible context
+MAX_SPLITS = 32
+
+
+def num_kv_splits(num_programs: int, max_context: int, num_sms: int) -> int:
+    """KV splits per sequence of a decode batch of num_programs (sequences x KV heads): about
+    PROGRAMS_PER_SM programs per SM, none shorter than MIN_SPLIT_TOKENS of max_context, at most
+    MAX_SPLITS; a power of two."""
+    want = min(PROGRAMS_PER_SM * num_sms // num_programs, max_context // MIN_SPLIT_TOKENS,
+               MAX_SPLITS)
+    return 1 << (max(want, 1).bit_length() - 1)
+
+
+class TritonAttention(AttentionBackend):
+    name = "triton"
+    supports_graphs = True
+
+    @classmethod
+    def is_supported(cls, platform) -> bool:
+        if importlib.util.find_spec("triton") is None:
+            return False
+        if platform.device_type == "cuda":
+            return True
+        return platform.device_type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+    @staticmethod
+    def kv_cache_shape(num_blocks, block_size, num_kv_heads, head_size):
+        return (2, num_blocks, block_size, num_kv_heads, head_size)
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_size: int, scale: float,
+                 dtype: torch.dtype, device: torch.device):
+        super().__init__(num_heads, num_kv_heads, head_size, scale, dtype, device)
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads {num_heads} is not a multiple of "
+                             f"num_kv_heads {num_kv_heads}")
+        # Imported here, not at module level: triton.jit picks compiled or interpreted
+        # (TRITON_INTERPRET) when the kernels are defined.
+        from loom.plugins.attention.triton import kernels
+        self.kernels = kernels
+        device = torch.device(device)
+        self.num_sms = (torch.cuda.get_device_properties(device).multi_processor_count
+                        if device.type == "cuda" else 1)
+        self.kv_splits: int | None = None    # fixed split count (a power of two); None: heuristic
+
+    def forward(self, q, k, v, kv_cache, metadata: AttentionMetadata):
+        self.kernels.reshape_and_cache(k, v, kv_cache, metadata.slot_mapping)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        if metadata.num_decodes:
+            self._decode(out, q, kv_cache, metadata)
+        if metadata.num_decodes < metadata.num_seqs:
+            self._prefill(out, q, kv_cache, metadata)
+        return out
+
+    def _decode(self, out, q, kv_cache, metadata: AttentionMetadata) -> None:
+        """The leading decodes; graph-safe (see the module docstring)."""
+        num_decodes = metadata.num_decodes
+        max_context = metadata.block_tables.shape[1] * kv_cache.shape[2]
+        splits = self.kv_splits or num_kv_splits(num_decodes * self.num_kv_heads, max_context,
+                                                  self.num_sms)
+        self.kernels.decode_attention(out, q, kv_cache, metadata.block_tables, metadata.seq_lens,
+                                      num_decodes, self.scale, splits, DECODE_TILE, DECODE_WARPS)
+
+    def _prefill(self, out, q, kv_cache, metadata: AttentionMetadata) -> None:
+        """The sequences after the decodes; eager, so it may size its launch by host values."""
+        group = self.num_heads // self.num_kv_heads
+        long_chunks = metadata.max_query_len * group > MIN_BLOCK_M
+        num_decodes = metadata.num_decodes
+        out[metadata.num_tokens:].zero_()                 # padding tokens past the batch
+        self.kernels.prefill_attention(
+            out, q, kv_cache, metadata.block_tables, metadata.seq_lens, metadata.query_start_loc,
+            num_decodes, metadata.num_seqs, metadata.num_tokens - num_decodes, self.scale,
+            PREFILL_BLOCK_M if long_chunks else MIN_BLOCK_M, PREFILL_TILE, PREFILL_WARPS)

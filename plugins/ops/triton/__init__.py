@@ -1,0 +1,47 @@
+"""The ``triton`` fused ops plugin: one Triton kernel per op (kernels in kernels.py).
+
+``rotary`` rotates q and k in place (views of the qkv output are fine) and returns them; the
+norms and ``silu_and_mul`` write new tensors and leave their inputs as the torch twin does.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+from loom.hookspecs import hookimpl
+from loom.ops import FusedOps
+
+
+class TritonFusedOps(FusedOps):
+    name = "triton"
+
+    @classmethod
+    def is_supported(cls, platform) -> bool:
+        if importlib.util.find_spec("triton") is None:
+            return False
+        if platform.device_type == "cuda":
+            return True
+        return platform.device_type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+    def __init__(self):
+        # Imported here, not at module level: triton.jit picks compiled or interpreted
+        # (TRITON_INTERPRET) when the kernels are defined.
+        from loom.plugins.ops.triton import kernels
+        self.kernels = kernels
+
+    def rms_norm(self, x, weight, eps):
+        return self.kernels.rms_norm(x, weight, eps)
+
+    def add_rms_norm(self, x, residual, weight, eps):
+        return self.kernels.add_rms_norm(x, residual, weight, eps)
+
+    def silu_and_mul(self, x):
+        return self.kernels.silu_and_mul(x)
+
+    def rotary(self, positions, q, k, cos_sin_cache):
+        return self.kernels.rotary(positions, q, k, cos_sin_cache)
+
+
+@hookimpl
+def loom_fused_ops():
+    return [TritonFusedOps]

@@ -1,0 +1,135 @@
+"""Triton kernels for the fused ops: RMSNorm (optionally with the residual add), SiLU-and-mul
+and rotate-half rotary. fp32 math; results rounded where the torch twin rounds.
+
+Graph safety: grids and constexprs depend only on tensor shapes, strides and dtypes.
+Only Triton APIs available since 3.0 are used.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+SILU_BLOCK = 1024   # columns per silu_and_mul program
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, inner, D, eps,
+                     x_s0, x_s1, x_s2, r_s0, r_s1, r_s2,
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    outer, head = row // inner, row % inner
+    cols = tl.arange(0, BLOCK)
+    mask = cols < D
+    x = tl.load(x_ptr + outer * x_s0 + head * x_s1 + cols * x_s2, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(res_ptr + outer * r_s0 + head * r_s1 + cols * r_s2, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+        tl.store(res_out_ptr + row * D + cols, x, mask=mask)
+    xf = x.to(tl.float32)
+    normed = (xf * tl.rsqrt(tl.sum(xf * xf, axis=0) / D + eps)).to(x.dtype)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * D + cols, (normed.to(tl.float32) * w).to(x.dtype), mask=mask)
+
+
+def _as_3d(x: torch.Tensor) -> torch.Tensor:
+    """[..., D] as [outer, inner, D], a view where the strides allow (e.g. q heads of a qkv)."""
+    return x.reshape(-1, 1, x.shape[-1]) if x.dim() <= 2 else x.reshape(-1, *x.shape[-2:])
+
+
+def _num_warps(block: int) -> int:
+    return min(max(block // 512, 1), 16)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    _launch_rms_norm(x, None, weight, eps, out, out)
+    return out
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual), x + residual) into new tensors; x and residual are left as they
+    are, as the torch twin leaves them (callers may still hold them)."""
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    res_out = torch.empty_like(out)
+    _launch_rms_norm(x, residual, weight, eps, out, res_out)
+    return out, res_out
+
+
+def _launch_rms_norm(x, residual, weight, eps, out, res_out) -> None:
+    x3 = _as_3d(x)
+    r3 = x3 if residual is None else _as_3d(residual)
+    block = triton.next_power_of_2(x.shape[-1])
+    _rms_norm_kernel[(x3.shape[0] * x3.shape[1],)](
+        x3, r3, weight, out, res_out, x3.shape[1], x.shape[-1], eps, *x3.stride(), *r3.stride(),
+        HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=_num_warps(block))
+
+
+@triton.jit
+def _silu_and_mul_kernel(x_ptr, out_ptr, x_stride, n, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n
+    gate = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(x_ptr + row * x_stride + n + cols, mask=mask, other=0.0)
+    act = (gate / (1.0 + tl.exp(-gate))).to(up.dtype)
+    tl.store(out_ptr + row * n + cols, (act.to(tl.float32) * up.to(tl.float32)).to(up.dtype),
+             mask=mask)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    n = x.shape[-1] // 2
+    x2 = x.reshape(-1, 2 * n)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    out = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
+    block = min(SILU_BLOCK, triton.next_power_of_2(n))
+    grid = (x2.shape[0], triton.cdiv(n, block))
+    _silu_and_mul_kernel[grid](x2, out, x2.stride(0), n, BLOCK=block,
+                               num_warps=_num_warps(block))
+    return out
+
+
+@triton.jit
+def _rotate_heads(ptr, s_h, s_d, heads, cos, sin,
+                  HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rotate [heads, 2 * HALF] at ptr in place: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)."""
+    h = tl.arange(0, BLOCK_H)[:, None]
+    d = tl.arange(0, BLOCK_D)[None, :]
+    mask = (h < heads) & (d < HALF)
+    first = ptr + h * s_h + d * s_d
+    second = first + HALF * s_d
+    x1 = tl.load(first, mask=mask, other=0.0)
+    x2 = tl.load(second, mask=mask, other=0.0)
+    dtype = x1.dtype
+    c = cos.to(dtype).to(tl.float32)
+    s = sin.to(dtype).to(tl.float32)
+    x1, x2 = x1.to(tl.float32), x2.to(tl.float32)
+    tl.store(first, (x1 * c - x2 * s).to(dtype), mask=mask)
+    tl.store(second, (x2 * c + x1 * s).to(dtype), mask=mask)
+
+
+@triton.jit
+def _rotary_kernel(pos_ptr, q_ptr, k_ptr, cache_ptr, cache_stride, q_heads, k_heads,
+                   q_st, q_sh, q_sd, k_st, k_sh, k_sd, HALF: tl.constexpr,
+                   BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_D: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    row = cache_ptr + tl.load(pos_ptr + t).to(tl.int64) * cache_stride
+    d = tl.arange(0, BLOCK_D)[None, :]
+    cos = tl.load(row + d, mask=d < HALF, other=0.0)
+    sin = tl.load(row + HALF + d, mask=d < HALF, other=0.0)
+    _rotate_heads(q_ptr + t * q_st, q_sh, q_sd, q_heads, cos, sin, HALF, BLOCK_HQ, BLOCK_D)
+    _rotate_heads(k_ptr + t * k_st, k_sh, k_sd, k_heads, cos, sin, HALF, BLOCK_HK, BLOCK_D)
+
+
+def rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+           cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q [T, H, D] and k [T, KVH, D] in place (any strides); returns (q, k)."""
+    half = q.shape[-1] // 2
+    _rotary_kernel[(q.shape[0],)](
+        positions, q, k, cos_sin_cache, cos_sin_cache.stride(0), q.shape[1], k.shape[1],
+        *q.stride(), *k.stride(), HALF=half, BLOCK_HQ=triton.next_power_of_2(q.shape[1]),
+        BLOCK_HK=triton.next_power_of_2(k.shape[1]), BLOCK_D=triton.next_power_of_2(half),
+        num_warps=4)
+    return q, k

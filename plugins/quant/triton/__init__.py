@@ -1,0 +1,1 @@
+"""Triton kernels of the quantization methods (a kernel folder, not a plugin)."""

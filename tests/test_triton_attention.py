@@ -1,0 +1,176 @@
+"""The triton attention backend against torch_ref: on a GPU when there is one, else through
+triton's interpreter on the CPU (TRITON_INTERPRET=1, set before the kernels are defined)."""
+import pytest
+import torch
+
+from triton_interpreter import DEVICE, interpreter_bf16_dot, tl, triton  # noqa: F401
+
+from attention_cases import (DECODE_BATCH, MIXED_BATCHES, TOLERANCE, build_metadata,  # noqa: E402
+                             random_inputs, rel_err, run_with_ref)
+from loom.plugins.attention.torch_ref import write_kv  # noqa: E402
+from loom.plugins.attention.triton import TritonAttention  # noqa: E402
+from loom.plugins.attention.triton.backend import num_kv_splits  # noqa: E402
+
+# (num_heads, num_kv_heads): MHA, GQA 2 and 4.
+HEADS = [(4, 4), (4, 2), (8, 2)]
+
+
+def make_backend(num_heads, num_kv_heads, head_size=32, dtype=torch.float32, kv_splits=None):
+    backend = TritonAttention(num_heads, num_kv_heads, head_size, head_size ** -0.5, dtype,
+                              torch.device(DEVICE))
+    backend.kv_splits = kv_splits
+    return backend
+
+
+def check(backend, batch, block_size, num_pad=0, max_blocks=None, seed=0):
+    """Run ``batch`` through ``backend`` and torch_ref; assert outputs close, caches equal."""
+    metadata, num_blocks = build_metadata(batch, block_size, DEVICE, num_pad, max_blocks, seed)
+    inputs = random_inputs(metadata, num_blocks, backend.num_heads, backend.num_kv_heads,
+                           backend.head_size, backend.dtype, DEVICE, seed)
+    out, ref, cache, ref_cache = run_with_ref(backend, metadata, *inputs)
+    num_tokens = metadata.num_tokens
+    assert rel_err(out[:num_tokens], ref[:num_tokens]) < TOLERANCE[backend.dtype]
+    assert torch.equal(cache, ref_cache)
+    return out, metadata
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_reshape_and_cache_matches_torch_ref(dtype):
+    metadata, num_blocks = build_metadata([(3, 1), (0, 9), (14, 5)], 16, DEVICE)
+    metadata.slot_mapping[4] = -1                     # a token that writes nothing
+    _, k, v, kv_cache = random_inputs(metadata, num_blocks, 4, 2, 64, dtype, DEVICE)
+    expected = kv_cache.clone()
+    write_kv(expected, k, v, metadata.slot_mapping)
+    make_backend(4, 2, 64, dtype).kernels.reshape_and_cache(k, v, kv_cache, metadata.slot_mapping)
+    assert torch.equal(kv_cache, expected)
+
+
+@pytest.mark.parametrize("heads", HEADS, ids=str)
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("batch", MIXED_BATCHES.values(), ids=MIXED_BATCHES.keys())
+def test_mixed_batch(batch, block_size, heads):
+    check(make_backend(*heads), batch, block_size)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("batch", MIXED_BATCHES.values(), ids=MIXED_BATCHES.keys())
+def test_half_precision(batch, dtype):
+    check(make_backend(8, 2, dtype=dtype), batch, 16)
+
+
+@pytest.mark.parametrize("head_size", [64, 128, 80])
+def test_head_sizes(head_size):
+    check(make_backend(4, 2, head_size, torch.bfloat16), MIXED_BATCHES["decodes_and_chunks"], 16)
+    check(make_backend(4, 2, head_size, torch.bfloat16, kv_splits=2), DECODE_BATCH, 16)
+
+
+@pytest.mark.parametrize("heads", [(6, 2), (8, 1)], ids=str)
+def test_uneven_and_wide_groups(heads):
+    check(make_backend(*heads), MIXED_BATCHES["long_prefix"], 16)
+    check(make_backend(*heads, kv_splits=4), DECODE_BATCH, 16)
+
+
+@pytest.mark.parametrize("block_size", [1, 8])
+def test_small_blocks(block_size):
+    check(make_backend(4, 2), MIXED_BATCHES["decodes_and_chunks"], block_size)
+    check(make_backend(4, 2, kv_splits=2), DECODE_BATCH, block_size)
+
+
+@pytest.mark.parametrize("heads", HEADS, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_split_decode_matches_unsplit(dtype, heads):
+    outs = [check(make_backend(*heads, dtype=dtype, kv_splits=s), DECODE_BATCH, 16)[0]
+            for s in (1, 4, 16)]
+    tol = TOLERANCE[dtype]
+    assert rel_err(outs[1], outs[0]) < tol and rel_err(outs[2], outs[0]) < tol
+
+
+@pytest.mark.parametrize("batch", ["decodes_and_chunks", "long_prefix"])
+def test_split_decodes_in_mixed_batch(batch):
+    check(make_backend(8, 2, kv_splits=4), MIXED_BATCHES[batch], 16)
+
+
+def test_split_heuristic_from_block_table_width():
+    backend = make_backend(4, 2)
+    backend.num_sms = 132
+    metadata, _ = build_metadata(DECODE_BATCH, 16, DEVICE, max_blocks=256)
+    assert num_kv_splits(len(DECODE_BATCH) * 2, 256 * 16, 132) == 16
+    check(backend, DECODE_BATCH, 16, max_blocks=256)
+
+
+def test_num_kv_splits():
+    assert num_kv_splits(8, 8192, 132) == 32          # one sequence, 8 KV heads, long context
+    assert num_kv_splits(64, 8192, 132) == 8
+    assert num_kv_splits(512, 8192, 132) == 1         # enough programs already
+    assert num_kv_splits(8, 512, 132) == 2            # short contexts: no tiny splits
+    assert num_kv_splits(8, 100, 132) == 1
+
+
+@pytest.mark.parametrize("kv_splits", [1, 4])
+def test_padded_decode_batch(kv_splits):
+    out, metadata = check(make_backend(4, 2, kv_splits=kv_splits), DECODE_BATCH, 16, num_pad=3)
+    assert torch.isfinite(out).all()
+    assert not out[metadata.num_tokens:].any()
+
+
+def test_decode_reads_no_host_values(monkeypatch):
+    """A decode-only forward (graph-captured) must not depend on per-step host values."""
+    backend = make_backend(4, 2, kv_splits=4)
+    metadata, num_blocks = build_metadata(DECODE_BATCH, 16, DEVICE, num_pad=1)
+    q, k, v, kv_cache = random_inputs(metadata, num_blocks, 4, 2, 32, torch.float32, DEVICE)
+    _, ref, _, _ = run_with_ref(backend, metadata, q, k, v, kv_cache)
+    metadata.query_start_loc_cpu = metadata.seq_lens_cpu = None
+    metadata.max_seq_len = metadata.max_query_len = -1
+
+    def no_sync(*_):
+        raise AssertionError("host sync on the decode path")
+    for name in ("item", "tolist", "cpu"):
+        monkeypatch.setattr(torch.Tensor, name, no_sync)
+    out = backend.forward(q, k, v, kv_cache.clone(), metadata)
+    monkeypatch.undo()
+    assert rel_err(out[:len(DECODE_BATCH)], ref[:len(DECODE_BATCH)]) < 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU")
+def test_cuda_graph_replay_with_new_metadata():
+    """Capture a padded decode batch once, then replay it with other sequences' values written
+    into the same tensors, as the model runner does."""
+    backend = make_backend(8, 2, 64, torch.bfloat16)
+    first, _ = build_metadata([(40, 1), (700, 1), (5, 1)], 16, DEVICE, num_pad=1, max_blocks=64)
+    second, num_blocks = build_metadata([(1000, 1), (0, 1), (77, 1)], 16, DEVICE, num_pad=1,
+                                        max_blocks=64, seed=1)
+    q, k, v, kv_cache = random_inputs(second, num_blocks, 8, 2, 64, torch.bfloat16, DEVICE)
+    _, ref, _, ref_cache = run_with_ref(backend, second, q, k, v, kv_cache)
+    static = [t.clone() for t in (q, k, v)]
+    cache = kv_cache.clone()
+    backend.forward(*static, cache, first)               # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = backend.forward(*static, cache, first)
+    for name in ("query_start_loc", "seq_lens", "block_tables", "slot_mapping"):
+        getattr(first, name).copy_(getattr(second, name))
+    for dst, src in zip(static, (q, k, v)):
+        dst.copy_(src)
+    cache.copy_(kv_cache)
+    graph.replay()
+    assert rel_err(out[:3], ref[:3]) < 1e-2
+    assert torch.equal(cache, ref_cache)
+
+
+class _Platform:
+    def __init__(self, device_type):
+        self.device_type = device_type
+
+
+def test_is_supported(monkeypatch):
+    assert TritonAttention.is_supported(_Platform("cuda"))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert TritonAttention.is_supported(_Platform("cpu"))
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert not TritonAttention.is_supported(_Platform("cpu"))
+
+
+def test_refuses_heads_not_a_multiple_of_kv_heads():
+    with pytest.raises(ValueError, match="multiple"):
+        make_backend(6, 4)

@@ -1,0 +1,141 @@
+"""The triton fused ops against their torch twin (loom.ops.FusedOps): on a GPU when there is
+one, else through triton's interpreter on the CPU (TRITON_INTERPRET=1, set before the kernels
+are defined)."""
+import os
+
+import pytest
+import torch
+
+from triton_interpreter import DEVICE  # noqa: F401  (sets TRITON_INTERPRET on the CPU)
+
+from loom import ops  # noqa: E402
+from loom.ops import FusedOps  # noqa: E402
+from loom.platform import Platform  # noqa: E402
+from loom.plugins.ops.triton import TritonFusedOps, loom_fused_ops  # noqa: E402
+from loom.plugins.quant.unquantized import Unquantized  # noqa: E402
+from test_models import (PROMPT_LENS, allocate_blocks, load_loom, make_prompts,  # noqa: E402
+                         run_step)
+
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+DTYPES = list(TOLERANCE)
+REF, OPS = FusedOps(), TritonFusedOps()
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def randn(*shape, dtype=torch.float32, seed=0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(dtype=dtype, device=DEVICE)
+
+
+def check(out: torch.Tensor, ref: torch.Tensor) -> None:
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    assert rel_err(out, ref) < TOLERANCE[ref.dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,hidden", [(1, 96), (3, 130), (17, 256)])
+def test_rms_norm(dtype, tokens, hidden):
+    x = randn(tokens, hidden, dtype=dtype)
+    w = 1 + 0.1 * randn(hidden, dtype=dtype, seed=1)
+    check(OPS.rms_norm(x, w, 1e-6), REF.rms_norm(x, w, 1e-6))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,hidden", [(1, 96), (3, 130), (17, 256)])
+def test_add_rms_norm(dtype, tokens, hidden):
+    x, res = randn(tokens, hidden, dtype=dtype), randn(tokens, hidden, dtype=dtype, seed=1)
+    w = 1 + 0.1 * randn(hidden, dtype=dtype, seed=2)
+    x0, res0 = x.clone(), res.clone()
+    out, res_out = OPS.add_rms_norm(x, res, w, 1e-5)
+    ref, ref_res = REF.add_rms_norm(x, res, w, 1e-5)
+    check(out, ref)
+    check(res_out, ref_res)
+    assert torch.equal(x, x0) and torch.equal(res, res0)
+
+
+def test_rms_norm_of_heads_in_a_qkv_view():
+    """The per-head q/k norm (Qwen3) on a strided [T, H, D] view, as the model calls it."""
+    qkv = randn(5, (4 + 2 + 2) * 32, dtype=torch.bfloat16)
+    q = qkv[:, :4 * 32].view(5, 4, 32)
+    w = 1 + 0.1 * randn(32, dtype=torch.bfloat16, seed=1)
+    check(OPS.rms_norm(q, w, 1e-6), REF.rms_norm(q, w, 1e-6))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,n", [(1, 48), (3, 65), (17, 1500)])
+def test_silu_and_mul(dtype, tokens, n):
+    x = randn(tokens, 2 * n, dtype=dtype)
+    check(OPS.silu_and_mul(x), REF.silu_and_mul(x))
+
+
+def cos_sin_cache(max_pos: int, head_dim: int) -> torch.Tensor:
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    freqs = torch.outer(torch.arange(max_pos, dtype=torch.float32), inv_freq)
+    return torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,heads,kv_heads,head_dim",
+                         [(1, 4, 4, 64), (3, 8, 2, 96), (17, 6, 1, 32)])
+def test_rotary_on_qkv_views(dtype, tokens, heads, kv_heads, head_dim):
+    """q and k are strided views of one fused qkv output; v is left alone."""
+    q_size, kv_size = heads * head_dim, kv_heads * head_dim
+    qkv = randn(tokens, q_size + 2 * kv_size, dtype=dtype)
+    q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+    q, k = q.view(tokens, heads, head_dim), k.view(tokens, kv_heads, head_dim)
+    v0 = v.clone()
+    positions = torch.randint(0, 200, (tokens,), generator=torch.Generator().manual_seed(3))
+    cache = cos_sin_cache(256, head_dim)
+    ref_q, ref_k = REF.rotary(positions.to(DEVICE), q, k, cache)
+    out_q, out_k = OPS.rotary(positions.to(DEVICE), q, k, cache)
+    check(out_q, ref_q)
+    check(out_k, ref_k)
+    assert out_q.data_ptr() == q.data_ptr() and out_k.data_ptr() == k.data_ptr()
+    assert torch.equal(v, v0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_leading_dims_and_int32_positions(dtype):
+    x = randn(2, 3, 2 * 40, dtype=dtype)
+    check(OPS.silu_and_mul(x), REF.silu_and_mul(x))
+    w = randn(40, dtype=dtype, seed=1)
+    check(OPS.rms_norm(x[..., :40], w, 1e-6), REF.rms_norm(x[..., :40], w, 1e-6))
+    q, k = randn(4, 2, 16, dtype=dtype), randn(4, 1, 16, dtype=dtype, seed=1)
+    positions = torch.tensor([5, 0, 9, 5], dtype=torch.int32, device=DEVICE)
+    ref_q, ref_k = REF.rotary(positions, q, k, cos_sin_cache(16, 16))
+    out_q, out_k = OPS.rotary(positions, q.clone(), k.clone(), cos_sin_cache(16, 16))
+    check(out_q, ref_q)
+    check(out_k, ref_k)
+
+
+def test_registered_and_supported():
+    assert loom_fused_ops() == [TritonFusedOps]
+    assert TritonFusedOps.name == "triton" and issubclass(TritonFusedOps, FusedOps)
+
+    class Cuda(Platform):
+        device_type = "cuda"
+
+    assert TritonFusedOps.is_supported(Cuda())
+    assert TritonFusedOps.is_supported(Platform()) == (os.environ.get("TRITON_INTERPRET") == "1")
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the tiny models run on the CPU")
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def test_tiny_model_with_triton_ops(tiny_models, monkeypatch, name):
+    """A prefill then a decode-only step (GEMV linears too), against the torch ops."""
+    monkeypatch.setattr(ops, "_active", ops.active())
+    logits = []
+    for fused, gemv in [(FusedOps(), False), (TritonFusedOps(), True)]:
+        ops.use(fused)
+        monkeypatch.setattr(Unquantized, "gemv_on_cpu", gemv)
+        model, kv_caches, config = load_loom(tiny_models[name])
+        prompts = make_prompts(config.vocab_size)
+        tables = allocate_blocks(PROMPT_LENS)
+        prefill = run_step(model, kv_caches, prompts, tables, [0] * 3, list(PROMPT_LENS))
+        decode = run_step(model, kv_caches, [p + [1] for p in prompts], tables,
+                          list(PROMPT_LENS), [1] * 3, num_decodes=3)
+        logits.append(torch.cat([prefill, decode]))
+    assert rel_err(logits[1], logits[0]) < 1e-5
