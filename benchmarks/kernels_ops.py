@@ -14,13 +14,13 @@ import argparse
 import dataclasses
 import json
 import shlex
-import subprocess
 import sys
 
 import torch
 import torch.nn.functional as F
 from triton.testing import do_bench, do_bench_cudagraph
 
+from loom.bench.common import git_commit
 from loom.ops import FusedOps
 from loom.plugins.ops.triton import TritonFusedOps
 from loom.plugins.quant.triton.gemv import DEFAULT_CONFIG, GemvConfig, gemv
@@ -167,8 +167,7 @@ def main() -> None:
         print(f"{b['linear']:>8} M={b['m']} {b['impl']:>10} {b['graph_us']:8.1f} us "
               f"{b['graph_gbs']:6.0f} GB/s  x{b['speedup_vs_f_linear']:.2f} vs F.linear")
     if args.json:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
-                                text=True).stdout.strip()
+        commit = git_commit()
         record = {"benchmark": "kernels_ops", "commit": commit,
                   "device": torch.cuda.get_device_name(),
                   "command": "python " + shlex.join(sys.argv), "dtype": args.dtype,

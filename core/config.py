@@ -52,6 +52,8 @@ class EngineConfig:
     block_size: int | None = field(default=None, metadata=_opt(
         "tokens per KV-cache block (default 16, or what the attention backend requires)",
         choices=BLOCK_SIZES))
+    async_scheduling: bool = field(default=True, metadata=_opt(
+        "schedule and launch the next step before this step's tokens reach the host"))
     enable_prefix_caching: bool = field(default=True, metadata=_opt(
         "reuse the KV blocks of shared prompt prefixes"))
     num_gpu_blocks_override: int | None = field(default=None, metadata=_opt(

@@ -104,6 +104,7 @@ class DecodeGraphs:
             rows = size if name != "block_tables" else n
             buf[:rows].copy_(h[name][:rows], non_blocking=True)
         self.copied.record()
+        self.runner.fill_placeholders(self.input_ids, hb)
         graph, out = self.graphs[size]
         graph.replay()
         return out[:n]

@@ -117,10 +117,12 @@ class Engine:
         self.scheduler = Scheduler(self.kv_cache, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=r.max_num_batched_tokens,
                                    max_model_len=r.max_model_len,
-                                   enable_chunked_prefill=config.enable_chunked_prefill)
+                                   enable_chunked_prefill=config.enable_chunked_prefill,
+                                   async_scheduling=config.async_scheduling)
         self.outputs = OutputProcessor(self.tokenizer)
         self.eos_token_ids = frozenset(r.model_config.eos_token_ids)
         self._ids = itertools.count()
+        self._in_flight = None               # (SchedulerOutput, pending result) of the last step
 
     @property
     def max_model_len(self) -> int:
@@ -183,13 +185,30 @@ class Engine:
         return self.outputs.finish_aborted(child_ids)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished
+        return self.scheduler.has_unfinished or self._in_flight is not None
 
     # ---- one step ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Schedule and launch a step. With async scheduling, the previous step's tokens are
+        then processed while this one runs on the device; otherwise this step's are."""
+        outputs = []
+        if self._in_flight is not None and self.scheduler.needs_host_tokens():
+            outputs += self._complete(self._in_flight)
+            self._in_flight = None
         sched = self.scheduler.schedule()
-        result = self.executor.execute(sched)
-        updates = self.scheduler.update(sched, result)
+        pending = self.executor.execute_async(sched)    # an empty step still drops finished ids
+        launched = None if sched.is_empty else (sched, pending)
+        previous, self._in_flight = self._in_flight, launched
+        if previous is not None:
+            outputs += self._complete(previous)
+        if launched is not None and not self.config.async_scheduling:
+            outputs += self._complete(launched)
+            self._in_flight = None
+        return outputs
+
+    def _complete(self, step) -> list[RequestOutput]:
+        sched, pending = step
+        updates = self.scheduler.update(sched, pending.result())
         outputs, stopped = self.outputs.process(updates)
         if stopped:
             self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)

@@ -19,6 +19,10 @@ class Executor:
         raise NotImplementedError
 
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        return self.execute_async(sched).result()
+
+    def execute_async(self, sched: SchedulerOutput):
+        """Launch a step; returns a handle whose ``result()`` is the ModelRunnerOutput."""
         raise NotImplementedError
 
     def shutdown(self) -> None:
@@ -35,5 +39,5 @@ class UniProcExecutor(Executor):
         self.runner.capture_graphs()
         return num_blocks
 
-    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
-        return self.runner.execute(sched)
+    def execute_async(self, sched: SchedulerOutput):
+        return self.runner.execute_async(sched)

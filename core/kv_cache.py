@@ -158,7 +158,8 @@ class KVCacheManager:
         if not self.enable_prefix_caching:
             return
         rid = request.request_id
-        num_full = request.num_computed_tokens // self.block_size
+        # Only known tokens: a position computed from a token still on the device waits.
+        num_full = min(request.num_computed_tokens, request.num_tokens) // self.block_size
         done = self.num_cached_blocks.get(rid, 0)
         if num_full <= done:
             return

@@ -19,7 +19,7 @@ from loom.cuda_graphs import DecodeGraphs
 from loom.model_config import ModelConfig
 from loom.models.layers import VocabEmbedding
 from loom.platform import Platform
-from loom.sampler import Sampler, SamplingRow
+from loom.sampler import Sampler, SamplerOutput, SamplingRow, TokenSpan
 from loom.sampling_params import SamplingParams
 from loom.scheduler_output import ModelRunnerOutput, SchedulerOutput
 
@@ -52,6 +52,9 @@ class HostBatch:
     num_decodes: int
     logits_indices: np.ndarray    # rows of the hidden states that sample
     sampling_req_ids: list[str]
+    # Input positions whose token is still on the device, sampled by the previous step:
+    placeholder_index: np.ndarray  # [P] index into input_ids
+    placeholder_source: np.ndarray  # [P] row of the previous step's sampled tokens
 
     @property
     def num_seqs(self) -> int:
@@ -60,6 +63,36 @@ class HostBatch:
     @property
     def decode_only(self) -> bool:
         return self.num_decodes == self.num_seqs
+
+    @property
+    def all_sample_in_order(self) -> bool:
+        return len(self.sampling_req_ids) == len(self.input_ids)
+
+
+class PendingOutput:
+    """A step's sampled tokens on their way to the host; ``result()`` waits for them."""
+
+    def __init__(self, req_ids: list[str], rows: list[SamplingRow],
+                 sampled: SamplerOutput | None, device: torch.device):
+        self.req_ids, self.rows = req_ids, rows
+        self.sampled = sampled
+        self.event = None
+        if sampled is not None and device.type != "cpu":
+            host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                    for t in sampled.tensors()]
+            for h, t in zip(host, sampled.tensors()):
+                h.copy_(t, non_blocking=True)
+            self.sampled = sampled.with_tensors(host)
+            self.event = torch.Event(device=device)
+            self.event.record()
+
+    def result(self) -> ModelRunnerOutput:
+        if self.sampled is None:
+            return ModelRunnerOutput()
+        if self.event is not None:
+            self.event.synchronize()
+        tokens, logprobs = self.sampled.to_lists(self.rows)
+        return ModelRunnerOutput(self.req_ids, [[t] for t in tokens], logprobs)
 
 
 class ModelRunner:
@@ -91,6 +124,8 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
         self.graphs: DecodeGraphs | None = None
+        self.prev_sampled: torch.Tensor | None = None   # the last step's tokens, on the device
+        self.prev_rows: dict[str, int] = {}              # request -> its row in prev_sampled
 
     # ---- KV cache ------------------------------------------------------------------------
     def kv_block_bytes(self) -> int:
@@ -208,54 +243,80 @@ class ModelRunner:
         total = int(query_start[-1])
         req_idx = np.repeat(np.arange(len(states)), num_new)
         positions = np.arange(total) - query_start[req_idx] + starts[req_idx]
-        input_ids = np.empty(total, dtype=np.int64)
+        input_ids = np.zeros(total, dtype=np.int64)
+        ph_index, ph_source = [], []
         for i, s in enumerate(states):
-            input_ids[query_start[i]:query_start[i + 1]] = s.token_ids[starts[i]:ends[i]]
+            real_end = min(ends[i], known[i])
+            input_ids[query_start[i]:query_start[i] + real_end - starts[i]] = \
+                s.token_ids[starts[i]:real_end]
+            if ends[i] > known[i]:            # its last token was sampled by the last step
+                ph_index.append(query_start[i + 1] - 1)
+                ph_source.append(self.prev_rows[s.req_id])
         max_blocks = max(len(s.block_ids) for s in states)
         block_table = np.zeros((len(states), max_blocks), dtype=np.int32)
         for i, s in enumerate(states):
             block_table[i, :len(s.block_ids)] = s.block_ids
         bs = self.block_size
         slots = block_table[req_idx, positions // bs].astype(np.int64) * bs + positions % bs
-        sampling = ends == known             # caught up: this step's last token samples
+        sampling = ends >= known             # caught up: this step's last token samples
         return HostBatch(order, input_ids, positions, slots, query_start.astype(np.int32),
                          ends.astype(np.int32), block_table, int((num_new == 1).sum()),
                          query_start[1:][sampling] - 1,
-                         [order[i] for i in np.flatnonzero(sampling)])
+                         [order[i] for i in np.flatnonzero(sampling)],
+                         np.array(ph_index, dtype=np.int64), np.array(ph_source, dtype=np.int64))
+
+    def _h2d(self, array: np.ndarray) -> torch.Tensor:
+        """A host array on the device without waiting for the device."""
+        t = torch.from_numpy(array)
+        if self.device.type == "cpu":
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)
 
     def _eager_inputs(self, hb: HostBatch):
-        dev = self.device
         qsl_cpu = torch.from_numpy(hb.query_start)
         lens_cpu = torch.from_numpy(hb.seq_lens)
         metadata = AttentionMetadata(
             num_seqs=hb.num_seqs, num_decodes=hb.num_decodes, num_tokens=len(hb.input_ids),
             max_query_len=int(np.diff(hb.query_start).max()), max_seq_len=int(hb.seq_lens.max()),
-            query_start_loc=qsl_cpu.to(dev), seq_lens=lens_cpu.to(dev),
-            block_tables=torch.from_numpy(hb.block_table).to(dev),
-            slot_mapping=torch.from_numpy(hb.slot_mapping).to(dev),
+            query_start_loc=self._h2d(hb.query_start), seq_lens=self._h2d(hb.seq_lens),
+            block_tables=self._h2d(hb.block_table), slot_mapping=self._h2d(hb.slot_mapping),
             query_start_loc_cpu=qsl_cpu, seq_lens_cpu=lens_cpu, block_size=self.block_size)
-        return (torch.from_numpy(hb.input_ids).to(dev), torch.from_numpy(hb.positions).to(dev),
-                metadata)
+        input_ids = self._h2d(hb.input_ids)
+        self.fill_placeholders(input_ids, hb)
+        return input_ids, self._h2d(hb.positions), metadata
 
-    def _sampling_rows(self, req_ids: list[str]) -> list[SamplingRow]:
+    def fill_placeholders(self, input_ids: torch.Tensor, hb: HostBatch) -> None:
+        """Put the previous step's sampled tokens, still on the device, into ``input_ids``."""
+        if len(hb.placeholder_index):
+            input_ids[self._h2d(hb.placeholder_index)] = \
+                self.prev_sampled[self._h2d(hb.placeholder_source)]
+
+    def _sampling_rows(self, hb: HostBatch) -> list[SamplingRow]:
         rows = []
-        for rid in req_ids:
+        ends = dict(zip(hb.req_ids, hb.seq_lens.tolist()))
+        for rid in hb.sampling_req_ids:
             s = self.requests[rid]
-            outputs = s.token_ids[s.num_prompt_tokens:]
+            num_out = ends[rid] - s.num_prompt_tokens   # outputs so far, one maybe on the device
             if s.generator is not None:
                 # Randomness is a function of (seed, position): independent of the batch, and
                 # a request resumed after preemption draws what it would have drawn.
-                s.generator.manual_seed(hash((s.seed, len(outputs))) & ((1 << 63) - 1))
-            rows.append(SamplingRow(s.sampling_params, s.generator,
-                                    s.token_ids[:s.num_prompt_tokens], outputs,
-                                    self.eos_token_ids))
+                s.generator.manual_seed(hash((s.seed, num_out)) & ((1 << 63) - 1))
+            rows.append(SamplingRow(
+                s.sampling_params, s.generator, TokenSpan(s.token_ids, 0, s.num_prompt_tokens),
+                TokenSpan(s.token_ids, s.num_prompt_tokens, len(s.token_ids)),
+                self.eos_token_ids, num_out))
         return rows
 
-    @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        return self.execute_async(sched).result()
+
+    @torch.inference_mode()
+    def execute_async(self, sched: SchedulerOutput) -> PendingOutput:
+        """Launch a step; the host does not wait for the device (except where the platform
+        itself is synchronous, like the CPU)."""
         self._update_states(sched)
         if sched.is_empty:
-            return ModelRunnerOutput()
+            return PendingOutput([], [], None, self.device)
         hb = self._host_batch(sched)
         if self.graphs is not None and self.graphs.can_run(hb):
             hidden = self.graphs.run(hb)
@@ -264,11 +325,15 @@ class ModelRunner:
             hidden = self.model(input_ids, positions, self.kv_caches,
                                 self.attn.build_metadata(metadata))
         if not hb.sampling_req_ids:
-            return ModelRunnerOutput()
-        indices = torch.from_numpy(hb.logits_indices).to(self.device)
-        logits = self.model.compute_logits(hidden[indices])
-        tokens, logprobs = self.sampler(logits, self._sampling_rows(hb.sampling_req_ids))
-        return ModelRunnerOutput(hb.sampling_req_ids, [[t] for t in tokens], logprobs)
+            return PendingOutput([], [], None, self.device)
+        if not hb.all_sample_in_order:
+            hidden = hidden[self._h2d(hb.logits_indices)]
+        logits = self.model.compute_logits(hidden)
+        rows = self._sampling_rows(hb)
+        sampled = self.sampler.forward(logits, rows)
+        self.prev_sampled = sampled.token_ids
+        self.prev_rows = {rid: i for i, rid in enumerate(hb.sampling_req_ids)}
+        return PendingOutput(hb.sampling_req_ids, rows, sampled, self.device)
 
 
 def _gathered_bytes(model: torch.nn.Module) -> int:
@@ -289,6 +354,7 @@ def _dummy_prefill(lens: list[int], blocks_per_seq: int, block_size: int) -> Hos
                    .reshape(len(lens), blocks_per_seq))
     slots = block_table[req_idx, positions // block_size].astype(np.int64) * block_size \
         + positions % block_size
+    empty = np.zeros(0, dtype=np.int64)
     return HostBatch([str(i) for i in range(len(lens))], np.zeros_like(positions), positions,
                      slots, query_start.astype(np.int32), lens_arr.astype(np.int32), block_table,
-                     0, query_start[1:] - 1, [])
+                     0, query_start[1:] - 1, [], empty, empty)

@@ -36,6 +36,7 @@ class Request:
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0           # prompt tokens served from the prefix cache
+    num_output_placeholders: int = 0     # tokens sampled on the device, not yet seen here
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None
     num_preemptions: int = 0

@@ -5,6 +5,7 @@ top-p -> min-p -> exponential-race draw. Logprobs are of the raw logits, before 
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -13,19 +14,39 @@ from loom.sampling_params import SamplingParams
 from loom.scheduler_output import TokenLogprobs
 
 
+class TokenSpan(Sequence):
+    """tokens[start:end] without copying (copied only if penalties need the ids)."""
+    __slots__ = ("tokens", "start", "end")
+
+    def __init__(self, tokens: list[int], start: int, end: int):
+        self.tokens, self.start, self.end = tokens, start, end
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+    def __getitem__(self, i):
+        return self.tokens[self.start:self.end][i]
+
+    def __iter__(self):
+        return iter(self.tokens[self.start:self.end])
+
+
 @dataclass
 class SamplingRow:
     """One sequence that samples this step."""
     params: SamplingParams
     generator: torch.Generator | None   # set iff the request has a seed; on the logits' device
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]         # generated so far
+    prompt_token_ids: Sequence[int]
+    output_token_ids: Sequence[int]     # generated so far (known to the host)
     eos_token_ids: frozenset[int]
+    num_output_tokens: int | None = None  # generated so far, counting one still on the device
 
     @property
     def blocked_token_ids(self) -> list[int]:
         """Stop ids masked this step because min_tokens is not reached yet."""
-        if len(self.output_token_ids) >= self.params.min_tokens:
+        done = (len(self.output_token_ids) if self.num_output_tokens is None
+                else self.num_output_tokens)
+        if done >= self.params.min_tokens:
             return []
         return sorted(self.eos_token_ids | set(self.params.stop_token_ids))
 
@@ -36,13 +57,59 @@ class SamplingRow:
                 and not self.blocked_token_ids)
 
 
+@dataclass
+class LogprobTensors:
+    """Logprobs of the rows that asked for them, still on the device."""
+    rows: list[int]
+    sampled: torch.Tensor         # [r] logprob of the sampled token
+    ranks: torch.Tensor           # [r] its rank, 1 = most likely
+    top_ids: torch.Tensor         # [r, N]
+    top_logprobs: torch.Tensor    # [r, N]
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: torch.Tensor               # [n] int64, on the logits' device
+    logprobs: LogprobTensors | None = None
+
+    def tensors(self) -> list[torch.Tensor]:
+        lp = self.logprobs
+        extra = [] if lp is None else [lp.sampled, lp.ranks, lp.top_ids, lp.top_logprobs]
+        return [self.token_ids] + extra
+
+    def with_tensors(self, tensors: list[torch.Tensor]) -> "SamplerOutput":
+        """The same output over other copies of its tensors (e.g. host copies)."""
+        lp = self.logprobs
+        if lp is None:
+            return SamplerOutput(tensors[0])
+        return SamplerOutput(tensors[0], LogprobTensors(lp.rows, *tensors[1:]))
+
+    def to_lists(self, rows: list[SamplingRow]
+                 ) -> tuple[list[int], list[list[TokenLogprobs] | None]]:
+        tokens = self.token_ids.tolist()
+        out: list[list[TokenLogprobs] | None] = [None] * len(rows)
+        lp = self.logprobs
+        if lp is not None:
+            sampled, ranks = lp.sampled.tolist(), lp.ranks.tolist()
+            top_ids, top_logprobs = lp.top_ids.tolist(), lp.top_logprobs.tolist()
+            for j, i in enumerate(lp.rows):
+                n = rows[i].params.logprobs
+                out[i] = [TokenLogprobs(tokens[i], sampled[j], ranks[j], top_ids[j][:n],
+                                        top_logprobs[j][:n])]
+        return tokens, out
+
+
 class Sampler:
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]
                  ) -> tuple[list[int], list[list[TokenLogprobs] | None]]:
+        return self.forward(logits, rows).to_lists(rows)
+
+    def forward(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
+        """Sample on the device; nothing here waits for the device."""
         assert logits.dim() == 2 and logits.size(0) == len(rows)
         if all(row.is_plain_greedy for row in rows):
-            return logits.argmax(dim=-1).tolist(), [None] * len(rows)
+            return SamplerOutput(logits.argmax(dim=-1))
         x = logits.to(torch.float32, copy=True)
         apply_penalties(x, rows)
         apply_min_tokens(x, rows)
@@ -51,8 +118,7 @@ class Sampler:
         if sampled:
             index = _index(x, sampled)
             tokens[index] = sample(x[index], [rows[i] for i in sampled])
-        logprobs = compute_logprobs(logits, tokens, rows)
-        return tokens.tolist(), logprobs
+        return SamplerOutput(tokens, compute_logprobs(logits, tokens, rows))
 
 
 def sample(x: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
@@ -135,41 +201,41 @@ def exponential_race(probs: torch.Tensor, generators: list[torch.Generator | Non
 
 
 def compute_logprobs(logits: torch.Tensor, tokens: torch.Tensor, rows: list[SamplingRow]
-                     ) -> list[list[TokenLogprobs] | None]:
+                     ) -> LogprobTensors | None:
     """Raw-distribution logprobs of the sampled token (with its rank) and the top-N."""
-    out: list[list[TokenLogprobs] | None] = [None] * len(rows)
     picked = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
     if not picked:
-        return out
+        return None
     index = _index(logits, picked)
     logprobs = logits[index].float().log_softmax(dim=-1)
-    sampled_ids = tokens[index].unsqueeze(1)
-    sampled = logprobs.gather(1, sampled_ids)
+    sampled = logprobs.gather(1, tokens[index].unsqueeze(1))
     ranks = (logprobs > sampled).sum(dim=-1) + 1
     num_top = max(rows[i].params.logprobs for i in picked)
     top_logprobs, top_ids = logprobs.topk(num_top, dim=-1)
-    sampled_ids, sampled = sampled_ids.squeeze(1).tolist(), sampled.squeeze(1).tolist()
-    ranks, top_ids, top_logprobs = ranks.tolist(), top_ids.tolist(), top_logprobs.tolist()
-    for j, i in enumerate(picked):
-        n = rows[i].params.logprobs
-        out[i] = [TokenLogprobs(sampled_ids[j], sampled[j], ranks[j],
-                                top_ids[j][:n], top_logprobs[j][:n])]
-    return out
+    return LogprobTensors(picked, sampled.squeeze(1), ranks, top_ids, top_logprobs)
+
+
+def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list on the device without waiting for the device (pinned, asynchronous copy)."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type == "cpu":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def _index(like: torch.Tensor, values: list[int]) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.long, device=like.device)
+    return to_device(values, torch.long, like.device)
 
 
 def _column(like: torch.Tensor, values: list, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    return torch.tensor(values, dtype=dtype, device=like.device).unsqueeze(1)
+    return to_device(values, dtype, like.device).unsqueeze(1)
 
 
 def _token_counts(seqs: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
     """[len(seqs), vocab] float32 occurrence counts; ids outside the vocab are ignored."""
     width = max(map(len, seqs))
-    padded = [seq + [vocab] * (width - len(seq)) for seq in seqs]
-    ids = torch.tensor(padded, dtype=torch.long, device=device)
+    padded = [list(seq) + [vocab] * (width - len(seq)) for seq in seqs]
+    ids = to_device(padded, torch.long, device)
     ids = torch.where((ids >= 0) & (ids < vocab), ids, vocab)
     counts = torch.zeros(len(seqs), vocab + 1, device=device)
     counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=torch.float32))

@@ -5,6 +5,10 @@ running requests in arrival order (a decode needs one token, an unfinished promp
 chunk), then admits waiting requests FCFS while budget, sequence slots and KV blocks last. When
 blocks run out, the newest running request is preempted: its blocks are freed and it waits at
 the head of the queue, to be recomputed (its prompt and outputs so far) when it resumes.
+
+With async scheduling the next step is scheduled before this step's tokens reach the host: a
+request that samples holds an output *placeholder* until update() brings the token, and the
+next step already computes that position (the runner feeds the token on the device).
 """
 from __future__ import annotations
 
@@ -38,12 +42,13 @@ class SchedulerStats:
 class Scheduler:
     def __init__(self, kv_cache: KVCacheManager, *, max_num_seqs: int,
                  max_num_batched_tokens: int, max_model_len: int,
-                 enable_chunked_prefill: bool = True):
+                 enable_chunked_prefill: bool = True, async_scheduling: bool = False):
         self.kv = kv_cache
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
         self.enable_chunked_prefill = enable_chunked_prefill
+        self.async_scheduling = async_scheduling
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -99,7 +104,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            if self._reached_limit(req):        # finishes when its pending token arrives
+                i += 1
+                continue
+            num_new = min(self._num_tokens(req) - req.num_computed_tokens, budget)
             new_blocks = self.kv.allocate_slots(req, num_new)
             while new_blocks is None:
                 victim = self.running.pop()
@@ -121,6 +129,8 @@ class Scheduler:
     def _admit(self, out: SchedulerOutput, budget: int) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
+            if req.num_output_placeholders:     # preempted with a token in flight: wait for it
+                break
             hits, num_hit = self.kv.get_computed_blocks(req)
             num_new = req.num_tokens - num_hit
             if num_new > budget:
@@ -148,6 +158,23 @@ class Scheduler:
         out.num_scheduled_tokens[req.request_id] = num_new
         out.total_num_scheduled_tokens += num_new
         req.num_computed_tokens += num_new
+        if self.async_scheduling and req.num_computed_tokens == self._num_tokens(req):
+            req.num_output_placeholders += 1    # it samples: the token stays on the device
+
+    @staticmethod
+    def _num_tokens(req: Request) -> int:
+        return req.num_tokens + req.num_output_placeholders
+
+    def _reached_limit(self, req: Request) -> bool:
+        """Its in-flight tokens already reach max_tokens or max-model-len."""
+        pending = req.num_output_placeholders
+        return pending > 0 and (req.num_output_tokens + pending >= req.max_tokens
+                                or req.num_tokens + pending >= self.max_model_len)
+
+    def needs_host_tokens(self) -> bool:
+        """A running request samples from its output token ids (penalties): the next step
+        must not be scheduled before this step's tokens are known."""
+        return any(r.sampling_params.needs_penalties for r in self.running)
 
     def _cached_data(self, req: Request, new_blocks: list[int]) -> CachedRequestData:
         sent = self._sent_tokens[req.request_id]
@@ -174,8 +201,10 @@ class Scheduler:
         updates = []
         for idx, rid in enumerate(result.req_ids):
             req = self.requests.get(rid)
-            if req is None or req.status != RequestStatus.RUNNING:
+            if req is None:                         # finished while its step was in flight
                 continue
+            if self.async_scheduling:
+                req.num_output_placeholders -= 1
             logprobs = result.logprobs[idx] if result.logprobs else None
             new_tokens = []
             status = None
@@ -189,7 +218,8 @@ class Scheduler:
                 logprobs = logprobs[:len(new_tokens)]
             updates.append(RequestUpdate(req, new_tokens, logprobs))
             if status is not None:
-                self.running.remove(req)
+                # A request preempted while its step was in flight waits in the queue.
+                (self.running if req.status == RequestStatus.RUNNING else self.waiting).remove(req)
                 self._finish(req, status)
         return updates
 

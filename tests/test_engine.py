@@ -254,3 +254,26 @@ def test_skip_tokenizer_init_takes_token_ids(tiny_models, hf_reference):
         llm.generate(["text"], greedy(), use_tqdm=False)
     with pytest.raises(ValueError, match="stop:"):
         llm.generate([ids], greedy(stop=["x"]), use_tqdm=False)
+
+
+def test_async_scheduling_gives_the_sync_outputs(tiny_models):
+    """The next step is scheduled before this step's tokens are known; nothing may change:
+    seeds, stop strings, penalties (which force a synchronous step), max_tokens and
+    preemption with a token in flight."""
+    path = tiny_models["llama"]
+    params = [greedy(max_tokens=15), SamplingParams(temperature=1.0, seed=3, max_tokens=12),
+              greedy(max_tokens=14, stop=["e"]), SamplingParams(temperature=0.7, seed=5,
+              max_tokens=10, repetition_penalty=1.3, frequency_penalty=0.5),
+              greedy(max_tokens=3), SamplingParams(temperature=0, max_tokens=9, min_tokens=9),
+              greedy(max_tokens=16, logprobs=2), SamplingParams(temperature=0.9, max_tokens=16)]
+    prompts = PROMPTS + [p + " again" for p in PROMPTS]
+    results = []
+    for async_scheduling in (False, True):
+        llm = make_llm(path, block_size=4, num_gpu_blocks_override=20, max_model_len=80,
+                       async_scheduling=async_scheduling)
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        results.append([(o.outputs[0].token_ids, o.outputs[0].text, o.outputs[0].finish_reason)
+                        for o in outs[:-1]])      # the last one is unseeded: random either way
+        assert llm.engine.scheduler.num_preemptions > 0
+        assert llm.engine.kv_cache.num_free_blocks == 20
+    assert results[0] == results[1]

@@ -40,23 +40,44 @@ def test_triton_equals_torch_ref_float32(model):
     assert tokens(fast) == tokens(ref)
 
 
-def test_graphs_on_and_off_same_tokens_bf16(model):
-    eager, _ = run(model, dtype="bfloat16", enforce_eager=True)
-    graphs, engine = run(model, dtype="bfloat16")
+def test_graphs_on_and_off_same_tokens(model):
+    # float32: the graph path splits long decodes differently (split-KV count from the static
+    # block-table width), which may flip a near-tie of a random bf16 model, not a float32 one.
+    eager, _ = run(model, dtype="float32", enforce_eager=True)
+    graphs, engine = run(model, dtype="float32")
     assert engine.executor.runner.graphs is not None
     assert tokens(graphs) == tokens(eager)
+
+
+def test_graphs_on_and_off_bf16_logprobs_close(model):
+    eager, _ = run(model, n_tokens=8, logprobs=1, dtype="bfloat16", enforce_eager=True)
+    graphs, _ = run(model, n_tokens=8, logprobs=1, dtype="bfloat16")
+    compare_logprobs(eager, graphs)
+
+
+def test_async_and_sync_scheduling_same_tokens(model):
+    sync, _ = run(model, dtype="float32", async_scheduling=False)
+    overlapped, _ = run(model, dtype="float32", async_scheduling=True)
+    assert tokens(sync) == tokens(overlapped)
 
 
 def test_bf16_logprobs_close_to_reference(model):
     ref, _ = run(model, n_tokens=8, logprobs=1, dtype="bfloat16", attention_backend="torch",
                  fused_ops="torch", enforce_eager=True)
     fast, _ = run(model, n_tokens=8, logprobs=1, dtype="bfloat16")
+    compare_logprobs(ref, fast)
+
+
+def compare_logprobs(ref, fast):
+    compared = 0
     for r, f in zip(ref, fast):
         for pos, (tr, tf) in enumerate(zip(r.outputs[0].token_ids, f.outputs[0].token_ids)):
             if tr != tf:
                 break                     # bf16 may legitimately flip a near-tie; stop there
             assert abs(r.outputs[0].logprobs[pos][tr].logprob
                        - f.outputs[0].logprobs[pos][tf].logprob) < 0.05
+            compared += 1
+    assert compared >= len(ref)             # at least the first token of each prompt
 
 
 def test_chunked_prefill_and_prefix_cache_on_gpu(model):

@@ -181,6 +181,9 @@ def start_engine(config: EngineConfig) -> tuple[Engine, Target]:
 
 # ---- results ----------------------------------------------------------------------------------
 def git_commit() -> str | None:
+    """HEAD of the checkout, or $LOOM_COMMIT where the tree travelled without its .git."""
+    if os.environ.get("LOOM_COMMIT"):
+        return os.environ["LOOM_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                              cwd=Path(__file__).resolve().parent, timeout=10)
