@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from triton.testing import do_bench, do_bench_cudagraph
 
-from loom.bench.common import git_commit
+from loom.bench.common import copy_bandwidth, git_commit
 from loom.ops import FusedOps
 from loom.plugins.ops.triton import TritonFusedOps
 from loom.plugins.quant.triton.gemv import DEFAULT_CONFIG, GemvConfig, gemv
@@ -59,9 +59,7 @@ def randn(*shape, dtype) -> torch.Tensor:
 
 
 def copy_gbs() -> float:
-    src = torch.empty(2 << 30, dtype=torch.uint8, device=DEVICE)
-    dst = torch.empty_like(src)
-    return 2 * src.numel() / us(lambda: dst.copy_(src)) / 1e3
+    return copy_bandwidth(torch.device(DEVICE), torch.cuda.synchronize, 2 << 30) / 1e9
 
 
 def cos_sin_cache(max_pos: int) -> torch.Tensor:

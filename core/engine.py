@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,15 @@ logger = logging.getLogger("loom")
 DEMO_MODEL = "loom-demo"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DEFAULT_BATCHED_TOKENS = 8192
+
+
+@dataclass
+class StepRecord:
+    """One step, for profiling (Engine.step_records): what ran and where the time went."""
+    num_tokens: int
+    num_seqs: int
+    seconds: float          # the whole step() call
+    wait_seconds: float     # of which waiting for the device to finish a step
 
 
 @dataclass
@@ -123,6 +133,8 @@ class Engine:
         self.eos_token_ids = frozenset(r.model_config.eos_token_ids)
         self._ids = itertools.count()
         self._in_flight = None               # (SchedulerOutput, pending result) of the last step
+        self.step_records: list[StepRecord] | None = None   # a list: step() appends to it
+        self._wait = 0.0
 
     @property
     def max_model_len(self) -> int:
@@ -191,6 +203,8 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Schedule and launch a step. With async scheduling, the previous step's tokens are
         then processed while this one runs on the device; otherwise this step's are."""
+        start = time.perf_counter()
+        self._wait = 0.0
         outputs = []
         if self._in_flight is not None and self.scheduler.needs_host_tokens():
             outputs += self._complete(self._in_flight)
@@ -204,11 +218,18 @@ class Engine:
         if launched is not None and not self.config.async_scheduling:
             outputs += self._complete(launched)
             self._in_flight = None
+        if self.step_records is not None:
+            self.step_records.append(StepRecord(sched.total_num_scheduled_tokens,
+                                                len(sched.num_scheduled_tokens),
+                                                time.perf_counter() - start, self._wait))
         return outputs
 
     def _complete(self, step) -> list[RequestOutput]:
         sched, pending = step
-        updates = self.scheduler.update(sched, pending.result())
+        start = time.perf_counter()
+        result = pending.result()
+        self._wait += time.perf_counter() - start
+        updates = self.scheduler.update(sched, result)
         outputs, stopped = self.outputs.process(updates)
         if stopped:
             self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)

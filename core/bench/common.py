@@ -51,13 +51,14 @@ def greedy(output_len: int, ignore_eos: bool = True) -> SamplingParams:
 
 @dataclass
 class Run:
-    """The clock of one generation: perf_counter stamps taken after a device synchronize."""
+    """The clock of one generation: perf_counter stamps taken as each step() returns."""
     start: float
     end: float
     stamps: list[float]                  # the end of each step
     first_token_step: int                # the step that gave the first request its first token
     prefill_steps: int                   # steps until every request had its first token
     outputs: list[RequestOutput] = field(default_factory=list)
+    records: list = field(default_factory=list)      # the engine's StepRecords
 
     @property
     def e2e(self) -> float:
@@ -79,9 +80,11 @@ def run_requests(engine: Engine, prompts: list[list[int]], params: SamplingParam
         engine.add_request(prompt, params)
     stamps, started, done = [], set(), {}
     first_token_step = prefill_steps = None
+    engine.step_records = []
     while engine.has_unfinished_requests():
+        # No synchronize here: with async scheduling a step's outputs are those of the step
+        # before, already finished on the device, and a sync would serialize host and device.
         outputs = engine.step()
-        engine.platform.synchronize()
         stamps.append(time.perf_counter())
         for out in outputs:
             if out.outputs[0].token_ids:
@@ -92,7 +95,26 @@ def run_requests(engine: Engine, prompts: list[list[int]], params: SamplingParam
             first_token_step = len(stamps) - 1
         if prefill_steps is None and len(started) == len(prompts):
             prefill_steps = len(stamps)
-    return Run(start, stamps[-1], stamps, first_token_step, prefill_steps, list(done.values()))
+    records, engine.step_records = engine.step_records, None
+    return Run(start, stamps[-1], stamps, first_token_step, prefill_steps, list(done.values()),
+               records)
+
+
+def step_profile(records) -> dict:
+    """Where the time went: decode-only vs mixed (prefill) steps, and how long the host waited
+    for the device (a large share: device-bound; a small one: host-bound)."""
+    out = {}
+    for kind, picked in (("decode_only", [r for r in records if r.num_tokens == r.num_seqs]),
+                         ("with_prefill", [r for r in records if r.num_tokens > r.num_seqs])):
+        if picked:
+            out[kind] = {"steps": len(picked),
+                         "total_s": sum(r.seconds for r in picked),
+                         "mean_step_ms": 1e3 * statistics.fmean(r.seconds for r in picked),
+                         "mean_seqs": statistics.fmean(r.num_seqs for r in picked),
+                         "mean_tokens": statistics.fmean(r.num_tokens for r in picked),
+                         "device_wait_share": sum(r.wait_seconds for r in picked)
+                         / max(sum(r.seconds for r in picked), 1e-9)}
+    return out
 
 
 # ---- figures ----------------------------------------------------------------------------------
@@ -116,19 +138,29 @@ def ratio(a: float | None, b: float | None) -> float | None:
 def copy_bandwidth(device: torch.device, synchronize, size_bytes: int, samples: int = 5,
                    copies: int = 4) -> float:
     """Device memory bandwidth in bytes/s: a large device-to-device copy, bytes read plus bytes
-    written, the median of ``samples`` timings of ``copies`` back-to-back copies."""
+    written, the median of ``samples`` timings of ``copies`` back-to-back copies (device
+    events where the device has them, so launch and synchronization are not counted)."""
     src = torch.ones(size_bytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)
     synchronize()
     times = []
     for _ in range(samples):
-        start = time.perf_counter()
-        for _ in range(copies):
-            dst.copy_(src)
-        synchronize()
-        times.append(time.perf_counter() - start)
+        times.append(_timed(device, synchronize, lambda: [dst.copy_(src) for _ in range(copies)]))
     return 2 * size_bytes * copies / statistics.median(times)
+
+
+def _timed(device: torch.device, synchronize, fn) -> float:
+    if device.type == "cpu":
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+    begin, end = (torch.Event(device=device, enable_timing=True) for _ in range(2))
+    begin.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return begin.elapsed_time(end) / 1e3
 
 
 # ---- engine lifetime and startup ------------------------------------------------------------

@@ -11,7 +11,7 @@ import numpy as np
 
 from loom.bench.common import (Run, Target, add_result_args, format_table, greedy, ms,
                                random_prompts, ratio, require_positive, run_requests, start_engine,
-                               startup_line, summarize, write_record)
+                               startup_line, step_profile, summarize, write_record)
 from loom.config import EngineConfig
 
 NAME = "throughput"
@@ -36,7 +36,7 @@ def main(config: EngineConfig, args: argparse.Namespace) -> int:
     target.free()
     figures = {"num_prompts": args.num_prompts, "input_len": args.input_len,
                "output_len": args.output_len, "ignore_eos": args.ignore_eos,
-               **figures_of(run), "startup": startup}
+               **figures_of(run), "startup": startup, "steps": step_profile(run.records)}
     if args.compare == "hf":
         from loom.bench import hf_compare
 
@@ -45,6 +45,10 @@ def main(config: EngineConfig, args: argparse.Namespace) -> int:
         target.free()
     write_record(NAME, config, args, target, figures)
     print(startup_line(figures["startup"]))
+    for kind, p in figures["steps"].items():
+        print(f"{kind}: {p['steps']} steps, {p['total_s']:.1f} s, {p['mean_step_ms']:.2f} ms/step, "
+              f"{p['mean_seqs']:.0f} seqs, {p['mean_tokens']:.0f} tokens, "
+              f"host waited for the device {p['device_wait_share']:.0%} of the time")
     print(table(figures))
     return 0
 

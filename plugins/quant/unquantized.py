@@ -36,7 +36,7 @@ class Unquantized(QuantMethod):
         """A Triton GEMV for a few rows of x (decode), where cuBLAS streams W below bandwidth."""
         if x.is_cuda or self.gemv_on_cpu:
             kernels = _gemv_kernels()
-            if kernels is not None and kernels.gemv_supported(x, layer.weight):
+            if kernels is not None and kernels.gemv_preferred(x, layer.weight):
                 return kernels.gemv(x, layer.weight, bias)
         return F.linear(x, layer.weight, bias)
 
