@@ -1,6 +1,8 @@
 """LLM: the offline API. ``LLM(model=path, **config).generate(prompts, SamplingParams(...))``."""
 from __future__ import annotations
 
+import dataclasses
+
 from tqdm.auto import tqdm
 
 from loom.config import build_config
@@ -35,6 +37,8 @@ class LLM:
             sampling_params = self.get_default_sampling_params()
         if isinstance(sampling_params, SamplingParams):
             sampling_params = [sampling_params] * len(prompts)
+        # Offline, only finished outputs are wanted: no per-step copies of every sequence.
+        sampling_params = [dataclasses.replace(p, output_kind="final") for p in sampling_params]
         if len(sampling_params) != len(prompts):
             raise ValueError(f"sampling_params: {len(sampling_params)} given for "
                              f"{len(prompts)} prompts")

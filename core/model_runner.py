@@ -329,8 +329,11 @@ class ModelRunner:
         if not hb.all_sample_in_order:
             hidden = hidden[self._h2d(hb.logits_indices)]
         logits = self.model.compute_logits(hidden)
-        rows = self._sampling_rows(hb)
-        sampled = self.sampler.forward(logits, rows)
+        if all(self.requests[r].sampling_params.plain_greedy for r in hb.sampling_req_ids):
+            rows, sampled = [], SamplerOutput(logits.argmax(dim=-1))   # no per-row work
+        else:
+            rows = self._sampling_rows(hb)
+            sampled = self.sampler.forward(logits, rows)
         self.prev_sampled = sampled.token_ids
         self.prev_rows = {rid: i for i, rid in enumerate(hb.sampling_req_ids)}
         return PendingOutput(hb.sampling_req_ids, rows, sampled, self.device)

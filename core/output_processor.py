@@ -39,6 +39,8 @@ class RequestGroup:
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
     last_token_time: float | None = None
+    sent_tokens: list[int] | None = None     # delta outputs: token ids / text already sent
+    sent_text: list[int] | None = None
 
     @property
     def finished(self) -> bool:
@@ -59,7 +61,8 @@ class OutputProcessor:
         for i, child in enumerate(children):
             stream = DecodeStream(context, skip_special_tokens=params.skip_special_tokens)
             seqs.append(SequenceState(child, i, stream, logprobs=[] if params.logprobs is not None else None))
-        group = RequestGroup(request_id, prompt, prompt_token_ids, params, seqs)
+        group = RequestGroup(request_id, prompt, prompt_token_ids, params, seqs,
+                             sent_tokens=[0] * len(seqs), sent_text=[0] * len(seqs))
         self.groups[request_id] = group
         for seq in seqs:
             self.seq_of[seq.request.request_id] = (group, seq)
@@ -80,7 +83,9 @@ class OutputProcessor:
             if self._append(seq, update):
                 stopped.append(seq.request.request_id)
             changed[group.request_id] = group
-        return [self._output(g) for g in changed.values()], stopped
+        wanted = [g for g in changed.values()
+                  if g.params.output_kind != "final" or g.finished]
+        return [self._output(g) for g in wanted], stopped
 
     def finish_aborted(self, child_ids: list[str]) -> list[RequestOutput]:
         changed = {}
@@ -135,12 +140,19 @@ class OutputProcessor:
         seq.cumulative_logprob += entry.sampled_logprob
 
     def _output(self, group: RequestGroup) -> RequestOutput:
-        outputs = [CompletionOutput(
-            index=s.index, text=s.text, token_ids=list(s.request.output_token_ids),
-            finish_reason=s.finish_reason, stop_reason=s.stop_reason,
-            logprobs=list(s.logprobs) if s.logprobs is not None else None,
-            cumulative_logprob=s.cumulative_logprob if s.logprobs is not None else None)
-            for s in group.sequences]
+        """Cumulative (or, for output_kind "delta", only what is new since the last output)."""
+        delta = group.params.output_kind == "delta"
+        outputs = []
+        for s in group.sequences:
+            tok0 = group.sent_tokens[s.index] if delta else 0
+            text0 = group.sent_text[s.index] if delta else 0
+            tokens = s.request.output_token_ids
+            outputs.append(CompletionOutput(
+                index=s.index, text=s.text[text0:], token_ids=tokens[tok0:],
+                finish_reason=s.finish_reason, stop_reason=s.stop_reason,
+                logprobs=s.logprobs[tok0:] if s.logprobs is not None else None,
+                cumulative_logprob=s.cumulative_logprob if s.logprobs is not None else None))
+            group.sent_tokens[s.index], group.sent_text[s.index] = len(tokens), len(s.text)
         finished = group.finished
         metrics = {"arrival_time": group.arrival_time, "first_token_time": group.first_token_time,
                    "last_token_time": group.last_token_time}

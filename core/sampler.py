@@ -53,8 +53,8 @@ class SamplingRow:
     @property
     def is_plain_greedy(self) -> bool:
         p = self.params
-        return (p.greedy and not p.needs_penalties and p.logprobs is None
-                and not self.blocked_token_ids)
+        return p.plain_greedy or (p.greedy and not p.needs_penalties and p.logprobs is None
+                                  and not self.blocked_token_ids)
 
 
 @dataclass
@@ -87,7 +87,7 @@ class SamplerOutput:
     def to_lists(self, rows: list[SamplingRow]
                  ) -> tuple[list[int], list[list[TokenLogprobs] | None]]:
         tokens = self.token_ids.tolist()
-        out: list[list[TokenLogprobs] | None] = [None] * len(rows)
+        out: list[list[TokenLogprobs] | None] = [None] * len(tokens)
         lp = self.logprobs
         if lp is not None:
             sampled, ranks = lp.sampled.tolist(), lp.ranks.tolist()

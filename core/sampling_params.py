@@ -8,6 +8,9 @@ def _fail(name: str, allowed: str, value) -> None:
     raise ValueError(f"{name}: must be {allowed}, got {value!r}")
 
 
+OUTPUT_KINDS = ("cumulative", "delta", "final")
+
+
 @dataclass
 class SamplingParams:
     n: int = 1
@@ -27,6 +30,7 @@ class SamplingParams:
     min_tokens: int = 0
     logprobs: int | None = None         # top-N logprobs per generated token (plus the sampled one)
     skip_special_tokens: bool = True
+    output_kind: str = "cumulative"     # per step: "cumulative" outputs, "delta" or "final" only
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -72,12 +76,20 @@ class SamplingParams:
             _fail("min_tokens", "an integer >= 0", self.min_tokens)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             _fail("min_tokens", f"<= max_tokens ({self.max_tokens})", self.min_tokens)
+        if self.output_kind not in OUTPUT_KINDS:
+            _fail("output_kind", "one of " + ", ".join(OUTPUT_KINDS), self.output_kind)
         if self.logprobs is not None and (not is_int(self.logprobs) or not 0 <= self.logprobs <= 20):
             _fail("logprobs", "an integer in [0, 20] or None", self.logprobs)
 
     @property
     def greedy(self) -> bool:
         return self.temperature < 1e-5
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Argmax alone decides the token: no penalties, logprobs or min_tokens."""
+        return (self.greedy and not self.needs_penalties and self.logprobs is None
+                and self.min_tokens == 0)
 
     @property
     def needs_penalties(self) -> bool:

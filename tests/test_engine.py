@@ -277,3 +277,21 @@ def test_async_scheduling_gives_the_sync_outputs(tiny_models):
         assert llm.engine.scheduler.num_preemptions > 0
         assert llm.engine.kv_cache.num_free_blocks == 20
     assert results[0] == results[1]
+
+
+def test_output_kinds(tiny_models):
+    llm = make_llm(tiny_models["llama"])
+    engine = llm.engine
+    for kind in ("cumulative", "delta", "final"):
+        engine.add_request(PROMPTS[1], greedy(max_tokens=10, output_kind=kind), request_id=kind)
+    seen = {"cumulative": [], "delta": [], "final": []}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            seen[out.request_id].append(out.outputs[0])
+    full = seen["cumulative"][-1]
+    assert len(seen["final"]) == 1 and seen["final"][0].token_ids == full.token_ids
+    assert sum((d.token_ids for d in seen["delta"]), []) == full.token_ids
+    assert "".join(d.text for d in seen["delta"]) == full.text
+    assert len(seen["cumulative"]) > 1
+    with pytest.raises(ValueError, match="output_kind"):
+        SamplingParams(output_kind="stream")
