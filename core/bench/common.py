@@ -46,7 +46,9 @@ def random_prompts(rng: np.random.Generator, num: int, length: int,
 
 
 def greedy(output_len: int, ignore_eos: bool = True) -> SamplingParams:
-    return SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=ignore_eos)
+    # Delta outputs: each step reports only new tokens, as a streaming server would.
+    return SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=ignore_eos,
+                          output_kind="delta")
 
 
 @dataclass
@@ -59,6 +61,7 @@ class Run:
     prefill_steps: int                   # steps until every request had its first token
     outputs: list[RequestOutput] = field(default_factory=list)
     records: list = field(default_factory=list)      # the engine's StepRecords
+    num_output_tokens: dict[str, int] = field(default_factory=dict)
 
     @property
     def e2e(self) -> float:
@@ -78,7 +81,7 @@ def run_requests(engine: Engine, prompts: list[list[int]], params: SamplingParam
     start = time.perf_counter()
     for prompt in prompts:
         engine.add_request(prompt, params)
-    stamps, started, done = [], set(), {}
+    stamps, started, done, counts = [], set(), {}, {}
     first_token_step = prefill_steps = None
     engine.step_records = []
     while engine.has_unfinished_requests():
@@ -89,6 +92,8 @@ def run_requests(engine: Engine, prompts: list[list[int]], params: SamplingParam
         for out in outputs:
             if out.outputs[0].token_ids:
                 started.add(out.request_id)
+                counts[out.request_id] = counts.get(out.request_id, 0) + len(
+                    out.outputs[0].token_ids)
             if out.finished:
                 done[out.request_id] = out
         if first_token_step is None and started:
@@ -97,7 +102,7 @@ def run_requests(engine: Engine, prompts: list[list[int]], params: SamplingParam
             prefill_steps = len(stamps)
     records, engine.step_records = engine.step_records, None
     return Run(start, stamps[-1], stamps, first_token_step, prefill_steps, list(done.values()),
-               records)
+               records, counts)
 
 
 def step_profile(records) -> dict:

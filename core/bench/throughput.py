@@ -69,7 +69,7 @@ def figures_of(run: Run) -> dict:
     ttft, tpot, e2e = [], [], []
     prompt_tokens = output_tokens = 0
     for out in run.outputs:
-        m, n = out.metrics, len(out.outputs[0].token_ids)
+        m, n = out.metrics, run.num_output_tokens[out.request_id]
         prompt_tokens += len(out.prompt_token_ids)
         output_tokens += n
         ttft.append(m["first_token_time"] - m["arrival_time"])
