@@ -1,4 +1,4 @@
-"""The `loom` command: generate | bench | plugins (serve registers its own subcommand)."""
+"""The `loom` command: serve | generate | bench | plugins."""
 from __future__ import annotations
 
 import argparse
@@ -52,20 +52,34 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(sub) -> None:
-    """Register `loom bench latency | throughput`, each with the engine flags."""
-    from loom.bench import latency, throughput
+def cmd_serve(sub) -> None:
+    """Register `loom serve`: the engine flags and the server's."""
+    from loom.server import launch
 
-    bench = sub.add_parser("bench", help="benchmark latency or offline throughput")
+    serve = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
+    _add_config_args(serve)
+    launch.add_args(serve)
+    serve.set_defaults(func=functools.partial(_run_with_config, launch))
+
+
+def cmd_bench(sub) -> None:
+    """Register `loom bench latency | throughput`, each with the engine flags, and `loom bench
+    serve`, a client of a running server."""
+    from loom.bench import latency, serve, throughput
+
+    bench = sub.add_parser("bench", help="benchmark latency, offline throughput or a server")
     kinds = bench.add_subparsers(dest="benchmark", required=True)
     for module in (latency, throughput):
         parser = kinds.add_parser(module.NAME, help=module.HELP)
         _add_config_args(parser)
         module.add_args(parser)
-        parser.set_defaults(func=functools.partial(_run_bench, module))
+        parser.set_defaults(func=functools.partial(_run_with_config, module))
+    parser = kinds.add_parser(serve.NAME, help=serve.HELP)
+    serve.add_args(parser)
+    parser.set_defaults(func=serve.main)
 
 
-def _run_bench(module, args: argparse.Namespace) -> int:
+def _run_with_config(module, args: argparse.Namespace) -> int:
     config = config_from_args(args)
     if args.print_config:
         print(config.to_yaml(), end="")
@@ -84,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loom", description="loom LLM inference engine")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sub = parser.add_subparsers(dest="command", required=True)
+
+    cmd_serve(sub)
 
     gen = sub.add_parser("generate", help="generate text offline from prompts")
     _add_config_args(gen)
