@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs on the lent H200 (device tool) from the repository root:
 #   bash benchmarks/h200.sh PHASE [PHASE ...]
-# Phases: install, test, kernels, latency, throughput, compare, startup.
+# Phases: install, test, kernels, latency, throughput, compare, serve.
 # Logs and JSON results go to $OUT (fetched back) and benchmarks/results/.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
@@ -44,6 +44,21 @@ for phase in "$@"; do
       log "throughput 512 x 512/256 vs transformers"
       loom --log-level WARNING bench throughput --config $CFG --num-prompts 512 --input-len 512 \
         --output-len 256 --compare hf --hf-batch-size 256 --json "$OUT/throughput_512x512x256_vs_hf.json" 2>&1 | tail -20
+      ;;
+    serve)
+      # Needs fastapi/uvicorn/pydantic there: carry .whl (README of the device tool).
+      python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site
+      log "loom serve + bench serve, 1000 x 1024/128, unlimited rate"
+      loom --log-level WARNING serve --config $CFG --port 8011 > "$OUT/serve.log" 2>&1 &
+      server=$!
+      for _ in $(seq 120); do curl -sf localhost:8011/health > /dev/null && break; sleep 1; done
+      loom bench serve --port 8011 --num-prompts 1000 --input-len 1024 --output-len 128 \
+        --json "$OUT/serve_1000x1024x128.json" 2>&1 | tail -15
+      kill -TERM $server; wait $server
+      log "bench throughput, the same workload"
+      loom --log-level WARNING bench throughput --config $CFG --num-prompts 1000 --input-len 1024 \
+        --output-len 128 --json "$OUT/throughput_1000x1024x128.json" 2>&1 | grep -v "^Processed" | tail -6
       ;;
     *) echo "unknown phase $phase"; exit 2 ;;
   esac
