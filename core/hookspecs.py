@@ -5,18 +5,74 @@ hooks below. Plugins are found through the ``loom`` entry-point group; loom's ow
 registered the same way. Every hook returns *classes*; each class carries a unique ``name``
 (model classes: their Hugging Face ``architectures`` names).
 
-Versioning: ``LOOM_PLUGIN_API`` is "MAJOR.MINOR". A plugin may declare the version it was built
-for as a module attribute ``LOOM_PLUGIN_API = "1.0"``; loom refuses a plugin whose major differs.
-A hook may gain arguments in a minor version (pluggy lets an implementation take fewer), never
-lose them.
+Versioning: ``LOOM_PLUGIN_API`` is "MAJOR.MINOR". A plugin declares the version it was built
+for as a module attribute, ``LOOM_PLUGIN_API = "1.1"``; loom refuses a plugin whose major differs
+or whose minor is newer than its own, with a message naming both versions. A minor version only
+adds: a hook may gain arguments (pluggy lets an implementation take fewer), never lose them; an
+interface may gain members with defaults. A name that moves is listed in ``MOVED`` and keeps
+working under its old name, with a ``LoomDeprecationWarning``, for one minor version.
+docs/plugins.md documents every hook and the history of the API.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import pluggy
 
 PROJECT_NAME = "loom"
 ENTRY_POINT_GROUP = "loom"
-LOOM_PLUGIN_API = "1.0"
+# 1.1: QuantMethod.quantize / dequantize (the conformance kit's view of a weight format).
+LOOM_PLUGIN_API = "1.1"
+
+
+class LoomDeprecationWarning(DeprecationWarning):
+    """A plugin uses a name of the contract that moved; it goes in the next minor version."""
+
+
+@dataclass(frozen=True)
+class Moved:
+    """A name of the contract that moved in plugin API ``since``.
+
+    ``old``/``new`` are hook names (``loom_attention_backends``), interface members
+    (``AttentionBackend.kv_cache_shape``) or module attributes
+    (``loom.attention.AttentionMetadata``).
+    The PluginManager answers the old hook with the new one's kind and copies an old member to
+    the new name on a plugin's class; a module keeps an old attribute with ``moved_getattr``.
+    """
+    old: str
+    new: str
+    since: str
+
+    @property
+    def kind(self) -> str:
+        if "." not in self.old:
+            return "hook"
+        return "module attribute" if self.old.startswith("loom.") else "interface member"
+
+    def message(self, who: str = "") -> str:
+        by = f" (used by {who})" if who else ""
+        return (f"{self.old} is deprecated since loom plugin API {self.since}; use "
+                f"{self.new}{by}. The old name goes in the next minor version.")
+
+
+# Nothing has moved yet. An entry lives for one minor version (a test checks that).
+MOVED: tuple[Moved, ...] = ()
+
+
+def moved_getattr(module_name: str):
+    """A module ``__getattr__`` that keeps the module's moved attributes (see ``Moved``)."""
+    def __getattr__(name: str):
+        import importlib
+        import warnings
+
+        old = f"{module_name}.{name}"
+        for moved in MOVED:
+            if moved.old == old:
+                warnings.warn(moved.message(), LoomDeprecationWarning, stacklevel=2)
+                module, _, attr = moved.new.rpartition(".")
+                return getattr(importlib.import_module(module), attr)
+        raise AttributeError(f"module {module_name!r} has no attribute {name!r}")
+    return __getattr__
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)

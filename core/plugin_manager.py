@@ -13,6 +13,8 @@ import logging
 import os
 import textwrap
 import traceback
+import types
+import warnings
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import TYPE_CHECKING
@@ -20,7 +22,8 @@ from typing import TYPE_CHECKING
 import pluggy
 
 from loom import hookspecs
-from loom.hookspecs import ENTRY_POINT_GROUP, LOOM_PLUGIN_API, PROJECT_NAME
+from loom.hookspecs import (ENTRY_POINT_GROUP, LOOM_PLUGIN_API, PROJECT_NAME,
+                            LoomDeprecationWarning, Moved)
 
 if TYPE_CHECKING:
     from loom.attention import AttentionBackend
@@ -55,6 +58,7 @@ class PluginInfo:
     version: str | None
     builtin: bool
     registers: dict[str, list[str]] = field(default_factory=dict)
+    api: str | None = None       # the LOOM_PLUGIN_API it declares
 
 
 @dataclass
@@ -66,8 +70,30 @@ class LoadError:
     version: str | None = None
 
 
-def _api_major(version: str) -> str:
-    return str(version).split(".")[0]
+def _parse_api(version) -> tuple[int, int] | None:
+    try:
+        major, minor = str(version).split(".")
+        return int(major), int(minor)
+    except ValueError:
+        return None
+
+
+def check_api(name: str, api) -> None:
+    """Refuse a plugin built for another major version of the API, or a newer minor one."""
+    ours = _parse_api(LOOM_PLUGIN_API)
+    theirs = _parse_api(api)
+    if theirs is None:
+        raise PluginError(f"plugin {name!r} declares LOOM_PLUGIN_API = {api!r}; expected "
+                          f"\"MAJOR.MINOR\", e.g. \"{LOOM_PLUGIN_API}\"")
+    if theirs[0] != ours[0]:
+        raise PluginError(
+            f"plugin {name!r} was built for loom plugin API {api}, but this loom provides "
+            f"API {LOOM_PLUGIN_API}; install a version of the plugin built for {ours[0]}.x")
+    if theirs[1] > ours[1]:
+        raise PluginError(
+            f"plugin {name!r} was built for loom plugin API {api}, newer than this loom's API "
+            f"{LOOM_PLUGIN_API}; upgrade loom, or install a version of the plugin built for "
+            f"API {LOOM_PLUGIN_API} or older")
 
 
 def _label(kind: str) -> str:
@@ -96,6 +122,10 @@ class PluginManager:
     def __init__(self, load_entry_points: bool = True, allowed: list[str] | None = None):
         self.pm = pluggy.PluginManager(PROJECT_NAME)
         self.pm.add_hookspecs(hookspecs)
+        self.moved = hookspecs.MOVED
+        aliases = _moved_hookspecs(self.moved)
+        if aliases is not None:
+            self.pm.add_hookspecs(aliases)
         self.infos: dict[str, PluginInfo] = {}
         self.load_errors: list[LoadError] = []
         self._registry: dict[str, dict[str, tuple[object, str]]] | None = None
@@ -104,10 +134,13 @@ class PluginManager:
 
     # ---- loading -------------------------------------------------------------------------
     def _load_entry_points(self, allowed: list[str] | None) -> None:
-        for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        # Built-ins first: a third-party plugin that claims a built-in name is the one refused.
+        eps = sorted(metadata.entry_points(group=ENTRY_POINT_GROUP),
+                     key=lambda ep: not _builtin(ep))
+        for ep in eps:
             dist = ep.dist.name if ep.dist is not None else None
             version = ep.dist.version if ep.dist is not None else None
-            builtin = dist == BUILTIN_DISTRIBUTION
+            builtin = _builtin(ep)
             if not builtin and allowed is not None and ep.name not in allowed:
                 continue
             try:
@@ -145,11 +178,8 @@ class PluginManager:
         """
         name = name or getattr(plugin, "__name__", None) or type(plugin).__name__
         api = getattr(plugin, "LOOM_PLUGIN_API", None)
-        if api is not None and _api_major(api) != _api_major(LOOM_PLUGIN_API):
-            raise PluginError(
-                f"plugin {name!r} was built for loom plugin API {api}, but this loom provides "
-                f"API {LOOM_PLUGIN_API}; install a version of the plugin built for "
-                f"{_api_major(LOOM_PLUGIN_API)}.x")
+        if api is not None:
+            check_api(name, api)
         if name in self.infos:
             raise PluginError(f"plugin name {name!r} is already taken by module "
                               f"{self.infos[name].module}")
@@ -158,7 +188,7 @@ class PluginManager:
         except (ValueError, pluggy.PluginValidationError) as exc:
             raise PluginError(f"plugin {name!r} cannot be registered: {exc}") from exc
         self.infos[name] = PluginInfo(name, getattr(plugin, "__name__", repr(plugin)), distribution,
-                                      version, builtin)
+                                      version, builtin, api=api)
         self._registry = None
         try:
             self._validate()
@@ -187,9 +217,10 @@ class PluginManager:
         for info in self.infos.values():
             info.registers = {}
         for kind, hook_name in _HOOK_OF_KIND.items():
-            for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+            for impl in self._hookimpls(hook_name):
                 plugin_name = self.pm.get_name(impl.plugin)
-                for cls in _call_hook(impl, hook_name, plugin_name):
+                for cls in _call_hook(impl, impl.function.__name__, plugin_name):
+                    self._alias_moved_members(cls, plugin_name)
                     for cname in _class_names(kind, cls):
                         if cname in registry[kind]:
                             other = registry[kind][cname][1]
@@ -200,6 +231,31 @@ class PluginManager:
                         self.infos[plugin_name].registers.setdefault(kind, []).append(cname)
         self._registry = registry
         return registry
+
+    def _hookimpls(self, hook_name: str) -> list:
+        """The implementations of a hook, and of its old names while they are deprecated."""
+        names = [hook_name] + [m.old for m in self.moved if m.kind == "hook" and m.new == hook_name]
+        return [impl for n in names for impl in getattr(self.pm.hook, n).get_hookimpls()]
+
+    def _alias_moved_members(self, cls, plugin_name: str) -> None:
+        """A plugin class that still defines a moved interface member gets it under its new name."""
+        for moved in self.moved:
+            if moved.kind != "interface member":
+                continue
+            iface, _, old = moved.old.partition(".")
+            new = moved.new.partition(".")[2]
+            mro = cls.__mro__ if isinstance(cls, type) else ()
+            depth = next((i for i, k in enumerate(mro) if k.__name__ == iface
+                          and k.__module__.startswith("loom.")), None)
+            if depth is None:
+                continue
+            own = mro[:depth]
+            old_owner = next((k for k in own if old in vars(k)), None)
+            if old_owner is not None and not any(new in vars(k) for k in own):
+                setattr(cls, new, vars(old_owner)[old])
+                message = moved.message(f"{cls.__name__} of plugin {plugin_name!r}")
+                warnings.warn(message, LoomDeprecationWarning, stacklevel=2)
+                logger.warning(message)
 
     def names(self, kind: str) -> list[str]:
         return sorted(self._build_registry()[kind])
@@ -305,6 +361,24 @@ class PluginManager:
         return self.get("model_architecture", architecture)
 
 
+def _builtin(ep) -> bool:
+    return ep.dist is not None and ep.dist.name == BUILTIN_DISTRIBUTION
+
+
+def _moved_hookspecs(moved: tuple[Moved, ...]):
+    """Hookspecs for the old names of moved hooks: the new hook's signature; implementing one
+    warns (pluggy's ``warn_on_impl``)."""
+    specs = {}
+    for m in moved:
+        if m.kind != "hook":
+            continue
+        new = getattr(hookspecs, m.new)
+        alias = types.FunctionType(new.__code__, new.__globals__, m.old, new.__defaults__)
+        alias.__doc__ = f"Deprecated alias of {m.new}."
+        specs[m.old] = hookspecs.hookspec(warn_on_impl=LoomDeprecationWarning(m.message()))(alias)
+    return types.SimpleNamespace(**specs) if specs else None
+
+
 def _call_hook(impl, hook_name: str, plugin_name: str) -> list:
     try:
         return list(impl.function() or [])
@@ -319,8 +393,9 @@ def format_report(pm: PluginManager) -> str:
     lines = [f"loom {_dist_version(BUILTIN_DISTRIBUTION) or '(unknown version)'}, "
              f"plugin API {LOOM_PLUGIN_API}", ""]
     for info in sorted(pm.infos.values(), key=lambda i: (not i.builtin, i.name)):
+        api = f"  built for API {info.api}" if info.api else ""
         lines.append(f"{info.name}  {'built-in' if info.builtin else 'third-party'}  "
-                     f"{_origin(info.distribution, info.version)}  module {info.module}")
+                     f"{_origin(info.distribution, info.version)}{api}  module {info.module}")
         for kind in KINDS:
             if kind in info.registers:
                 lines.append(f"    {_label(kind)}: {', '.join(info.registers[kind])}")

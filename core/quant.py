@@ -71,3 +71,27 @@ class QuantMethod:
     def checkpoint_names(self) -> tuple[str, ...]:
         """Suffixes of the checkpoint tensors of one linear (e.g. weight, qweight, scales)."""
         return ("weight", "bias")
+
+    # The conformance kit's view of the format (API 1.1). The defaults describe the dense
+    # layout of the default checkpoint_names(); a method with its own layout overrides them.
+    def quantize(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        """This format's checkpoint tensors for one float weight [out, in] (one shard of a fused
+        layer), by checkpoint name: what an offline quantizer writes (round-to-nearest is
+        enough). The kit loads them through ``load`` and ``process_after_loading``."""
+        if type(self).checkpoint_names is not QuantMethod.checkpoint_names:
+            raise NotImplementedError(f"quant method {self.name!r} does not implement quantize()")
+        return {"weight": weight}
+
+    def dequantize(self, layer: nn.Module) -> torch.Tensor:
+        """The float weight [out, in] that ``apply`` multiplies by, once loaded and processed.
+        Optional: without it the kit compares ``apply`` with the weight it quantized, at
+        quantization-error tolerance, instead of with the exact dequantized matmul."""
+        weight = getattr(layer, "weight", None)
+        if (type(self).checkpoint_names is QuantMethod.checkpoint_names
+                and isinstance(weight, torch.Tensor) and weight.dtype in _DENSE_DTYPES
+                and tuple(weight.shape) == (layer.output_size, layer.input_size)):
+            return weight
+        raise NotImplementedError(f"quant method {self.name!r} does not implement dequantize()")
+
+
+_DENSE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

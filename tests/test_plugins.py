@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from loom import hookimpl, hookspecs
+from loom.hookspecs import LOOM_PLUGIN_API
 from loom.platform import Platform
 from loom.plugin_manager import PluginError, PluginManager, format_report
 from loom.plugins.attention.torch_ref import TorchRefAttention
@@ -204,9 +205,29 @@ def test_ambiguous_quant_auto_names_both(toy_pm):
 
 
 def test_plugin_api_major_mismatch_is_refused(pm):
-    with pytest.raises(PluginError, match=r"API 2\.0.*API 1\.0"):
+    with pytest.raises(PluginError, match=rf"API 2\.0.*API {LOOM_PLUGIN_API}"):
         pm.register(FuturePlugin(), name="future")
     assert "future" not in pm.infos
+
+
+@pytest.mark.parametrize("api, message", [
+    ("1.99", r"built for loom plugin API 1\.99, newer than this loom's API 1\.\d+; upgrade loom"),
+    ("0.9", r"built for loom plugin API 0\.9, but this loom provides API 1\.\d+"),
+    ("one", r"declares LOOM_PLUGIN_API = 'one'; expected \"MAJOR.MINOR\""),
+])
+def test_plugin_api_newer_minor_or_malformed_is_refused(pm, api, message):
+    plugin = type("Versioned", (ToyPlugin,), {"LOOM_PLUGIN_API": api})()
+    with pytest.raises(PluginError, match=message):
+        pm.register(plugin, name="versioned")
+    assert "versioned" not in pm.infos
+
+
+def test_plugin_api_older_minor_is_accepted(pm):
+    older = LOOM_PLUGIN_API.split(".")[0] + ".0"
+    plugin = type("Older", (ToyPlugin,), {"LOOM_PLUGIN_API": older})()
+    pm.register(plugin, name="older")
+    assert pm.infos["older"].api.endswith(".0")
+    assert pm.platform("toy").name == "toy"
 
 
 def test_broken_hook_and_misspelled_hook_are_refused(pm):
@@ -242,6 +263,79 @@ def broken_entry_point(monkeypatch):
     monkeypatch.delenv("LOOM_PLUGINS", raising=False)
 
 
+def _entry_points_plus(monkeypatch, tmp_path, name: str, source: str, first: bool = False):
+    """The ``loom`` group holds the real entries and a third-party module ``name`` with
+    ``source`` (listed first: before the built-ins, when ``first``)."""
+    (tmp_path / f"{name}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    real = metadata.entry_points
+    extra = metadata.EntryPoint(name, name, "loom")
+
+    def entry_points(**params):
+        found = list(real(**params))
+        return [extra, *found] if first else [*found, extra]
+
+    monkeypatch.setattr(metadata, "entry_points", entry_points)
+    monkeypatch.delenv("LOOM_PLUGINS", raising=False)
+
+
+FUTURE_SOURCE = """
+from loom import hookimpl
+from loom.platform import Platform
+LOOM_PLUGIN_API = "2.0"
+
+class P(Platform):
+    name = "future-platform"
+
+@hookimpl
+def loom_platforms():
+    return [P]
+"""
+
+DUPLICATE_SOURCE = """
+from loom import hookimpl
+from loom.platform import Platform
+
+class P(Platform):
+    name = "cpu"
+    @classmethod
+    def is_available(cls):
+        return True
+
+@hookimpl
+def loom_platforms():
+    return [P]
+"""
+
+
+def test_entry_point_for_another_api_is_a_load_error_naming_both(monkeypatch, tmp_path):
+    _entry_points_plus(monkeypatch, tmp_path, "future_plugin", FUTURE_SOURCE)
+    pm = PluginManager()
+    [error] = pm.load_errors
+    assert f"built for loom plugin API 2.0, but this loom provides API {LOOM_PLUGIN_API}" in (
+        error.traceback)
+    report = format_report(pm)
+    assert "failed to load (1):" in report and "PluginError" in report
+    assert "future-platform" not in pm.names("platform")
+    assert pm.platform("cpu").name == "cpu"
+    monkeypatch.setenv("LOOM_PLUGINS", "future_plugin")
+    with pytest.raises(PluginError, match=r"(?s)'future_plugin' named in LOOM_PLUGINS.*API 2\.0"):
+        PluginManager()
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["listed_first", "listed_last"])
+def test_entry_point_claiming_a_builtin_name_is_refused_not_the_builtin(monkeypatch, tmp_path,
+                                                                          first):
+    _entry_points_plus(monkeypatch, tmp_path, "dup_plugin", DUPLICATE_SOURCE, first)
+    pm = PluginManager()
+    [error] = pm.load_errors
+    assert error.name == "dup_plugin"
+    assert "duplicate platform name 'cpu': registered by plugin 'platform_cpu' and by plugin " \
+           "'dup_plugin'" in error.traceback
+    assert pm.owner("platform", "cpu") == "platform_cpu"
+    assert "dup_plugin" in format_report(pm)
+
+
 def test_plugin_that_fails_to_import_is_reported_not_raised(broken_entry_point):
     pm = PluginManager()
     [error] = pm.load_errors
@@ -273,7 +367,7 @@ def test_loom_plugins_filters_third_party_plugins(broken_entry_point):
 
 def test_format_report_lists_plugins_versions_and_registrations(toy_pm):
     report = format_report(toy_pm)
-    assert "plugin API 1.0" in report
+    assert f"plugin API {LOOM_PLUGIN_API}" in report
     assert f"platform_cpu  built-in  loom {metadata.version('loom')}" in report
     assert "toy-plugin  third-party" in report
     assert "    platform: toy, ghost" in report
