@@ -69,6 +69,8 @@ class AttentionBackend:
                 kv_cache: torch.Tensor, metadata) -> torch.Tensor:
         """Write k/v [T, num_kv_heads, D] into ``kv_cache`` by slot mapping, then attend.
 
-        q is [T, num_heads, D]; returns [T, num_heads, D] in q's dtype.
+        q is [T, num_heads, D]; returns [T, num_heads, D] in q's dtype. Every token's K/V must
+        be written before any sequence attends: sequences of one step may share blocks that
+        another sequence of the same step fills (n > 1 siblings, shared prefixes).
         """
         raise NotImplementedError

@@ -158,6 +158,10 @@ class Scheduler:
         out.num_scheduled_tokens[req.request_id] = num_new
         out.total_num_scheduled_tokens += num_new
         req.num_computed_tokens += num_new
+        # Blocks filled by this step are findable at once: a request admitted later in this
+        # same step (an n > 1 sibling, a shared prefix) reuses them, since every layer writes
+        # the step's K/V before attention reads them.
+        self.kv.cache_blocks(req)
         if self.async_scheduling and req.num_computed_tokens == self._num_tokens(req):
             req.num_output_placeholders += 1    # it samples: the token stays on the device
 
@@ -194,10 +198,6 @@ class Scheduler:
 
     # ---- after the step ------------------------------------------------------------------
     def update(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> list[RequestUpdate]:
-        for rid in sched.num_scheduled_tokens:          # first, while all still hold blocks
-            req = self.requests.get(rid)
-            if req is not None and req.status == RequestStatus.RUNNING:
-                self.kv.cache_blocks(req)
         updates = []
         for idx, rid in enumerate(result.req_ids):
             req = self.requests.get(rid)

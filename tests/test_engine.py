@@ -295,3 +295,22 @@ def test_output_kinds(tiny_models):
     assert len(seen["cumulative"]) > 1
     with pytest.raises(ValueError, match="output_kind"):
         SamplingParams(output_kind="stream")
+
+
+def test_n_siblings_share_the_prompt_blocks(tiny_models, hf_reference):
+    path = tiny_models["llama"]
+    llm = make_llm(path, block_size=4)
+    engine = llm.engine
+    prompt = PROMPTS[3]                                   # 52 tokens: 12 full blocks + 1
+    engine.add_request(prompt, greedy(n=4))
+    engine.step()
+    full_blocks = (len(llm.get_tokenizer().encode(prompt)) - 1) // 4
+    used = engine.kv_cache.num_blocks - engine.kv_cache.num_free_blocks
+    assert used <= full_blocks + 4 * 2                    # not 4 copies of the prompt
+    assert engine.kv_cache.prefix_hits >= 3 * full_blocks * 4
+    outs = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            outs[out.request_id] = out
+    ref = hf_reference(path, llm.get_tokenizer().encode(prompt))[0]
+    assert [c.token_ids for c in outs["0"].outputs] == [ref] * 4
