@@ -1,6 +1,8 @@
 """The Platform interface: everything the core needs to know about a kind of hardware."""
 from __future__ import annotations
 
+import importlib.util
+import os
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
@@ -73,6 +75,15 @@ class Platform:
     def capture(self, graph, pool, stream) -> AbstractContextManager:
         """The context in which work issued on ``stream`` is recorded into ``graph``."""
         raise NotImplementedError(f"platform {self.name!r} does not support graphs")
+
+    def supports_triton(self) -> bool:
+        """Triton kernels run here: on GPUs when triton is installed; on the CPU only through
+        triton's interpreter (TRITON_INTERPRET=1, for tests)."""
+        if importlib.util.find_spec("triton") is None:
+            return False
+        if self.device_type == "cuda":
+            return True
+        return self.device_type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
     def describe(self) -> str:
         return self.name

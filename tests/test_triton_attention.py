@@ -3,6 +3,8 @@ triton's interpreter on the CPU (TRITON_INTERPRET=1, set before the kernels are 
 import pytest
 import torch
 
+from loom.platform import Platform
+
 from triton_interpreter import DEVICE, interpreter_bf16_dot, tl, triton  # noqa: F401
 
 from attention_cases import (DECODE_BATCH, MIXED_BATCHES, TOLERANCE, build_metadata,  # noqa: E402
@@ -158,7 +160,7 @@ def test_cuda_graph_replay_with_new_metadata():
     assert torch.equal(cache, ref_cache)
 
 
-class _Platform:
+class _Platform(Platform):
     def __init__(self, device_type):
         self.device_type = device_type
 

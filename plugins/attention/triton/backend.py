@@ -12,8 +12,6 @@ max_query_len, the *_cpu tensors) are read and nothing syncs. Other batches run 
 """
 from __future__ import annotations
 
-import importlib.util
-import os
 
 import torch
 
@@ -46,11 +44,7 @@ class TritonAttention(AttentionBackend):
 
     @classmethod
     def is_supported(cls, platform) -> bool:
-        if importlib.util.find_spec("triton") is None:
-            return False
-        if platform.device_type == "cuda":
-            return True
-        return platform.device_type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+        return platform.supports_triton()
 
     @staticmethod
     def kv_cache_shape(num_blocks, block_size, num_kv_heads, head_size):

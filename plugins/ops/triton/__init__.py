@@ -5,8 +5,6 @@ norms and ``silu_and_mul`` write new tensors and leave their inputs as the torch
 """
 from __future__ import annotations
 
-import importlib.util
-import os
 
 from loom.hookspecs import hookimpl
 from loom.ops import FusedOps
@@ -17,11 +15,7 @@ class TritonFusedOps(FusedOps):
 
     @classmethod
     def is_supported(cls, platform) -> bool:
-        if importlib.util.find_spec("triton") is None:
-            return False
-        if platform.device_type == "cuda":
-            return True
-        return platform.device_type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+        return platform.supports_triton()
 
     def __init__(self):
         # Imported here, not at module level: triton.jit picks compiled or interpreted
