@@ -92,6 +92,8 @@ class AsyncEngine:
         field) if it refuses it. ``delta``: each output carries only what is new."""
         outputs: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = outputs
+        # The engine always sends deltas: no per-step copy of the whole output so far.
+        params = dataclasses.replace(params, output_kind="delta")
         try:
             future = self._loop.create_future()
             self._submit(_Add(prompt, params, request_id, future))
@@ -100,7 +102,7 @@ class AsyncEngine:
             self._streams.pop(request_id, None)
             self.abort(request_id)     # cancelled after the engine took it: nobody will read
             raise
-        return RequestStream(self, request_id, outputs, DeltaTracker(params) if delta else None)
+        return RequestStream(self, request_id, outputs, delta)
 
     def abort(self, request_id: str) -> None:
         """Abort a request (its KV blocks are freed before the next step). Thread-safe."""
@@ -202,15 +204,17 @@ def describe(error: BaseException) -> str:
 
 
 class RequestStream:
-    """The outputs of one request, in order. Iterating yields each output once; leaving the
-    iteration early (or ``close()``) aborts the request."""
+    """The outputs of one request, in order: deltas (what is new), or with ``delta=False``
+    each output the whole result so far. Leaving the iteration early (or ``close()``) aborts
+    the request."""
 
     def __init__(self, engine: AsyncEngine, request_id: str, outputs: asyncio.Queue,
-                 tracker: DeltaTracker | None):
+                 delta: bool):
         self.engine = engine
         self.request_id = request_id
         self._outputs = outputs
-        self._tracker = tracker
+        self._delta = delta
+        self._so_far: RequestOutput | None = None
         self.finished = False
         self._closed = False
 
@@ -219,22 +223,25 @@ class RequestStream:
             while not self.finished:
                 out = await self._next()
                 self.finished = out.finished
-                yield self._tracker.delta(out) if self._tracker else out
+                if not self._delta:
+                    out = self._so_far = accumulate(self._so_far, out)
+                yield out
         finally:
             self.close()
 
     async def final(self) -> RequestOutput:
-        """The last output (the whole result of a cumulative stream)."""
-        out = None
+        """The whole result."""
+        whole = None
         async for out in self:
-            pass
-        return out
+            whole = out if not self._delta else accumulate(whole, out)
+        return whole
 
     async def _next(self) -> RequestOutput:
+        """The next delta; a reader that fell behind gets the waiting ones merged into one."""
         item = await self._outputs.get()
-        # Outputs are cumulative, so the latest holds all: a slow reader skips ahead.
         while not self._outputs.empty() and not isinstance(item, BaseException):
-            item = self._outputs.get_nowait()
+            following = self._outputs.get_nowait()
+            item = following if isinstance(following, BaseException) else accumulate(item, following)
         if isinstance(item, BaseException):
             raise item
         return item
@@ -251,39 +258,16 @@ class RequestStream:
         self.close()
 
 
-@dataclass
-class _Sent:
-    chars: int = 0
-    tokens: int = 0
-    logprobs: int = 0
-    finished: bool = False
-
-
-class DeltaTracker:
-    """Turns cumulative RequestOutputs into deltas: per sequence, the text, token ids and
-    logprobs since the last delta, and finish_reason once. While a sequence runs, the last
-    len(longest stop string) - 1 characters are held back, since a stop string completed
-    later is cut from the text. (When the engine emits deltas itself, this goes away.)"""
-
-    def __init__(self, params: SamplingParams):
-        longest = max((len(s) for s in params.stop), default=1)
-        self.holdback = 0 if params.include_stop_str_in_output else longest - 1
-        self.sent: dict[int, _Sent] = {}
-
-    def delta(self, out: RequestOutput) -> RequestOutput:
-        deltas = []
-        for c in out.outputs:
-            sent = self.sent.setdefault(c.index, _Sent())
-            if sent.finished:
-                continue
-            end = len(c.text) if c.finished else max(sent.chars, len(c.text) - self.holdback)
-            d = CompletionOutput(
-                c.index, c.text[sent.chars:end], c.token_ids[sent.tokens:], c.finish_reason,
-                c.stop_reason, c.logprobs[sent.logprobs:] if c.logprobs is not None else None,
-                c.cumulative_logprob)
-            sent.chars, sent.tokens = max(sent.chars, end), len(c.token_ids)
-            sent.logprobs = len(c.logprobs) if c.logprobs is not None else 0
-            sent.finished = c.finished
-            if d.text or d.token_ids or d.finished:
-                deltas.append(d)
-        return dataclasses.replace(out, outputs=deltas)
+def accumulate(so_far: RequestOutput | None, delta: RequestOutput) -> RequestOutput:
+    """``so_far`` extended by ``delta``: per sequence, text, token ids and logprobs appended,
+    the latest finish and stop reasons."""
+    if so_far is None:
+        return delta
+    by_index = {c.index: c for c in so_far.outputs}
+    for d in delta.outputs:
+        c = by_index.get(d.index)
+        by_index[d.index] = d if c is None else CompletionOutput(
+            d.index, c.text + d.text, c.token_ids + d.token_ids, d.finish_reason,
+            d.stop_reason, None if d.logprobs is None else (c.logprobs or []) + d.logprobs,
+            d.cumulative_logprob)
+    return dataclasses.replace(delta, outputs=[by_index[i] for i in sorted(by_index)])

@@ -41,6 +41,7 @@ class RequestGroup:
     last_token_time: float | None = None
     sent_tokens: list[int] | None = None     # delta outputs: token ids / text already sent
     sent_text: list[int] | None = None
+    sent_finish: list[bool] | None = None     # and whether its finish was sent
 
     @property
     def finished(self) -> bool:
@@ -62,7 +63,8 @@ class OutputProcessor:
             stream = DecodeStream(context, skip_special_tokens=params.skip_special_tokens)
             seqs.append(SequenceState(child, i, stream, logprobs=[] if params.logprobs is not None else None))
         group = RequestGroup(request_id, prompt, prompt_token_ids, params, seqs,
-                             sent_tokens=[0] * len(seqs), sent_text=[0] * len(seqs))
+                             sent_tokens=[0] * len(seqs), sent_text=[0] * len(seqs),
+                             sent_finish=[False] * len(seqs))
         self.groups[request_id] = group
         for seq in seqs:
             self.seq_of[seq.request.request_id] = (group, seq)
@@ -141,18 +143,29 @@ class OutputProcessor:
 
     def _output(self, group: RequestGroup) -> RequestOutput:
         """Cumulative (or, for output_kind "delta", only what is new since the last output)."""
-        delta = group.params.output_kind == "delta"
+        params = group.params
+        delta = params.output_kind == "delta"
+        # A delta holds back the text a stop string completed later would cut off.
+        holdback = 0 if params.include_stop_str_in_output else max(map(len, params.stop),
+                                                                   default=1) - 1
         outputs = []
         for s in group.sequences:
             tok0 = group.sent_tokens[s.index] if delta else 0
             text0 = group.sent_text[s.index] if delta else 0
+            end = len(s.text)
+            if delta and s.finish_reason is None:
+                end = max(text0, end - holdback)
             tokens = s.request.output_token_ids
+            if delta and (group.sent_finish[s.index] or (
+                    end == text0 and len(tokens) == tok0 and s.finish_reason is None)):
+                continue                       # a delta carries only what changed, once
+            group.sent_finish[s.index] = s.finish_reason is not None
             outputs.append(CompletionOutput(
-                index=s.index, text=s.text[text0:], token_ids=tokens[tok0:],
+                index=s.index, text=s.text[text0:end], token_ids=tokens[tok0:],
                 finish_reason=s.finish_reason, stop_reason=s.stop_reason,
                 logprobs=s.logprobs[tok0:] if s.logprobs is not None else None,
                 cumulative_logprob=s.cumulative_logprob if s.logprobs is not None else None))
-            group.sent_tokens[s.index], group.sent_text[s.index] = len(tokens), len(s.text)
+            group.sent_tokens[s.index], group.sent_text[s.index] = len(tokens), end
         finished = group.finished
         metrics = {"arrival_time": group.arrival_time, "first_token_time": group.first_token_time,
                    "last_token_time": group.last_token_time}

@@ -293,6 +293,15 @@ def test_output_kinds(tiny_models):
     assert sum((d.token_ids for d in seen["delta"]), []) == full.token_ids
     assert "".join(d.text for d in seen["delta"]) == full.text
     assert len(seen["cumulative"]) > 1
+    # Deltas never send text a stop string later cuts off.
+    text = full.text
+    stop = text[4:7]
+    engine.add_request(PROMPTS[1], greedy(max_tokens=10, output_kind="delta", stop=[stop]),
+                       request_id="stopped")
+    deltas = []
+    while engine.has_unfinished_requests():
+        deltas += [o.outputs[0].text for o in engine.step()]
+    assert "".join(deltas) == text[:text.find(stop)]
     with pytest.raises(ValueError, match="output_kind"):
         SamplingParams(output_kind="stream")
 

@@ -90,10 +90,10 @@ def run_requests(engine: Engine, prompts: list[list[int]], params: SamplingParam
         outputs = engine.step()
         stamps.append(time.perf_counter())
         for out in outputs:
-            if out.outputs[0].token_ids:
+            new_tokens = sum(len(c.token_ids) for c in out.outputs)
+            if new_tokens:
                 started.add(out.request_id)
-                counts[out.request_id] = counts.get(out.request_id, 0) + len(
-                    out.outputs[0].token_ids)
+                counts[out.request_id] = counts.get(out.request_id, 0) + new_tokens
             if out.finished:
                 done[out.request_id] = out
         if first_token_step is None and started:

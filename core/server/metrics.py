@@ -85,8 +85,8 @@ class Metrics:
             self._observe(out, now)
 
     def _observe(self, out: RequestOutput, now: float) -> None:
-        num_tokens = sum(len(c.token_ids) for c in out.outputs)   # outputs are cumulative
         before, last = self._seen.get(out.request_id, (0, 0.0))
+        num_tokens = before + sum(len(c.token_ids) for c in out.outputs)   # outputs are deltas
         arrival = out.metrics.get("arrival_time", now)
         if num_tokens > before:
             self.generation_tokens.inc(num_tokens - before)
