@@ -1,0 +1,239 @@
+"""The quantized linears on one GPU, Llama-3-8B shapes: each method's whole ``apply`` (activation
+quantization included) against bf16 F.linear and the measured ceilings.
+
+    python benchmarks/kernels_quant.py [--json OUT] [--sweep]
+
+Decode (M = 1..8) is timed in a CUDA graph over copies of the layer that together exceed the L2,
+so every call streams its weight from HBM: GB/s = weight bytes (scales and zeros included) / time,
+against a device-to-device copy (read + written / time). Prefill (M = 256..4096) is timed with
+triton.testing.do_bench: TFLOP/s = 2MNK / time, against cuBLAS bf16, torch._scaled_mm fp8 and
+torch._int_mm int8 at 8192^3. ``w4a16 dequant+mm`` (dequantize, then cuBLAS) shows where the
+Triton GEMM should hand large M over. ``--sweep`` times W4A16 tile configurations per M. Also
+printed: the weight GB of a whole Llama-3-8B per method. Results are checked against
+dequantize-then-matmul (rel_err).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench, do_bench_cudagraph
+
+from loom.bench.common import copy_bandwidth, git_commit
+from loom.models.layers import Linear
+from loom.plugins.quant.schemes.base import Dense
+from loom.plugins.quant.schemes.fp8 import Fp8Scheme
+from loom.plugins.quant.schemes.int8 import Int8W8A8, dynamic_params, quantize_act
+from loom.plugins.quant.schemes.wna16 import GPTQLayout, dequantize
+from loom.plugins.quant.triton.wna16 import WNA16Config, wna16_gemm
+
+HIDDEN, INTERMEDIATE, LAYERS, VOCAB = 4096, 14336, 32, 128256
+LINEARS = {"qkv": (6144, HIDDEN), "o_proj": (HIDDEN, HIDDEN),            # name: (N, K)
+           "gate_up": (2 * INTERMEDIATE, HIDDEN), "down": (HIDDEN, INTERMEDIATE)}
+DECODE_M, PREFILL_M = (1, 2, 4, 8), (256, 1024, 4096)
+OUT_OF_L2_BYTES = 512 << 20
+SWEEP = [WNA16Config(16, n, k, w, s) for n, k, w, s in [
+    (32, 128, 4, 4), (64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 4, 4), (128, 64, 4, 5)]] + [
+    WNA16Config(m, n, 64, w, 3) for m, n, w in [(64, 64, 4), (64, 128, 4), (128, 128, 8)]]
+METHODS = {   # name: scheme factory
+    "bf16": lambda: Dense(),
+    "w4a16 g128": lambda: GPTQLayout(4, 128, v1=False),
+    "w4a16 g128 g_idx": lambda: GPTQLayout(4, 128, v1=False, desc_act=True),
+    "w8a16 channel": lambda: GPTQLayout(8, -1, v1=False),
+    "fp8 tensor static": lambda: Fp8Scheme("tensor", "static"),
+    "fp8 channel dynamic": lambda: Fp8Scheme("channel", "token"),
+    "fp8 block": lambda: Fp8Scheme("block", "group", (128, 128), "weight_scale_inv"),
+    "int8 w8a8 dynamic": lambda: Int8W8A8("channel", static=False, symmetric=True),
+}
+DEVICE = "cuda"
+
+
+def random_layer(method: str, n: int, k: int) -> Linear:
+    """A layer of ``method`` with random checkpoint tensors, processed as after loading."""
+    with torch.device(DEVICE):
+        layer = Linear(k, [n], False, METHODS[method](), torch.bfloat16)
+        for name, param in list(layer.named_parameters()) + list(layer.named_buffers()):
+            if name != "g_idx" or layer.quant_method.desc_act:
+                fill(name, param.data, n, k)
+    layer.quant_method.process_after_loading(layer)
+    return layer
+
+
+def fill(name: str, t: torch.Tensor, n: int, k: int) -> None:
+    if name == "g_idx":
+        t.copy_(torch.randperm(k, device=DEVICE).view(1, k) % (k // 128))
+    elif name == "weight_shape":
+        t.copy_(torch.tensor([[n, k]]))
+    elif t.dtype == torch.int32:
+        t.random_(-2**31, 2**31 - 1)
+    elif t.dtype == torch.int8:
+        t.random_(-127, 127)
+    elif t.dtype == torch.float8_e4m3fn:
+        t.copy_(torch.randn(t.shape, device=DEVICE) * 100)
+    elif "scale" in name:
+        t.copy_(torch.rand(t.shape, device=DEVICE) * 1e-3 + 1e-4 if "input" not in name
+                else torch.full(t.shape, 0.02, device=DEVICE))
+    else:
+        t.copy_(torch.randn(t.shape, device=DEVICE) * k ** -0.5)
+
+
+def weight_bytes(layer: Linear) -> int:
+    return sum(b.numel() * b.element_size() for name, b in layer.named_buffers()) + sum(
+        p.numel() * p.element_size() for p in layer.parameters())
+
+
+def reference(layer: Linear, x: torch.Tensor) -> torch.Tensor:
+    """dequantize-then-matmul in fp32 (activation quantization included through the twin)."""
+    scheme = layer.quant_method
+    if isinstance(scheme, GPTQLayout):
+        w = dequantize(layer.w_q, layer.w_scales.float(), layer.w_zeros.float(), layer.w_g_idx,
+                       scheme.bits, layer.group_size)
+        return x.float() @ w
+    if isinstance(scheme, Fp8Scheme):
+        return F.linear(scheme.fake_quant_act(layer, x.float()),
+                        scheme.dequantized_weight(layer, torch.float32))
+    if isinstance(scheme, Int8W8A8):
+        scale, _ = dynamic_params(x, symmetric=True)
+        xd = quantize_act(x, scale, None).float() * scale
+        return F.linear(xd, layer.w_int8.float() * layer.w_scale[:, None])
+    return x.float() @ layer.weight.float().T
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def time_decode(layers: list[Linear], x: torch.Tensor) -> float:
+    graph_ms = do_bench_cudagraph(lambda: [layer(x) for layer in layers], return_mode="median")
+    return graph_ms * 1e3 / len(layers)
+
+
+def bench_method(method: str, linear: str, ceilings: dict) -> list[dict]:
+    n, k = LINEARS[linear]
+    first = random_layer(method, n, k)
+    nbytes = weight_bytes(first)
+    layers = [first] + [random_layer(method, n, k) for _ in range(OUT_OF_L2_BYTES // nbytes)]
+    rows = []
+    for m in DECODE_M + PREFILL_M:
+        x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)
+        err = rel_err(first(x), reference(first, x))
+        if m in DECODE_M:
+            t = time_decode(layers, x)
+        else:
+            t = do_bench(lambda: first(x), return_mode="median") * 1e3
+        row = {"method": method, "linear": linear, "n": n, "k": k, "m": m, "us": t,
+               "gbs": nbytes / t / 1e3, "tflops": 2 * m * n * k / t / 1e6, "rel_err": err}
+        row["of_ceiling"] = (row["gbs"] / ceilings["copy_gbs"] if m in DECODE_M
+                             else row["tflops"] / ceilings[compute_ceiling(method)])
+        rows.append(row)
+        print(f"{method:>20} {linear:>8} M={m:<5} {t:9.1f} us {row['gbs']:7.0f} GB/s "
+              f"{row['tflops']:7.1f} TFLOP/s ({row['of_ceiling']:4.0%} of ceiling) err {err:.1e}",
+              flush=True)
+    del layers
+    torch.cuda.empty_cache()
+    return rows
+
+
+def compute_ceiling(method: str) -> str:
+    return "fp8_tflops" if method.startswith("fp8") else (
+        "int8_tops" if method.startswith("int8") else "bf16_tflops")
+
+
+def bench_dequant_mm(linear: str) -> list[dict]:
+    """The alternative for large M: dequantize the W4A16 weight, then cuBLAS."""
+    n, k = LINEARS[linear]
+    layer = random_layer("w4a16 g128", n, k)
+    rows = []
+    for m in PREFILL_M:
+        x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)
+        t = do_bench(lambda: x @ dequantize(layer.w_q, layer.w_scales, layer.w_zeros, None, 4, 128),
+                     return_mode="median") * 1e3
+        rows.append({"method": "w4a16 dequant+mm", "linear": linear, "m": m, "us": t,
+                     "tflops": 2 * m * n * k / t / 1e6})
+        print(f"{'w4a16 dequant+mm':>20} {linear:>8} M={m:<5} {t:9.1f} us "
+              f"{rows[-1]['tflops']:7.1f} TFLOP/s", flush=True)
+    return rows
+
+
+def bench_sweep(linear: str) -> list[dict]:
+    n, k = LINEARS[linear]
+    layers = [random_layer("w4a16 g128", n, k) for _ in range(8)]
+    rows = []
+    for m in DECODE_M + PREFILL_M:
+        x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)
+        for cfg in SWEEP:
+            if (cfg.block_m == 16) != (m <= 16):
+                continue
+            call = lambda l, cfg=cfg: wna16_gemm(x, l.w_q, l.w_scales, l.w_zeros, None, 4, 128,
+                                                 config=cfg)
+            t = (do_bench_cudagraph(lambda: [call(l) for l in layers], return_mode="median")
+                 * 1e3 / len(layers) if m in DECODE_M
+                 else do_bench(lambda: call(layers[0]), return_mode="median") * 1e3)
+            rows.append({"linear": linear, "m": m, "config": cfg.__dict__, "us": t})
+            print(f"sweep {linear:>8} M={m:<5} {cfg} {t:9.1f} us", flush=True)
+    return rows
+
+
+def measured_ceilings() -> dict:
+    size = 8192
+    a = torch.randn(size, size, device=DEVICE, dtype=torch.bfloat16)
+    b = torch.randn(size, size, device=DEVICE, dtype=torch.bfloat16)
+    fa, fb = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn).T
+    ia, ib = (a * 10).to(torch.int8), (b * 10).to(torch.int8).T
+    one = torch.tensor(1.0, device=DEVICE)
+    flops = 2 * size ** 3
+    return {
+        "copy_gbs": copy_bandwidth(torch.device(DEVICE), torch.cuda.synchronize, 2 << 30) / 1e9,
+        "bf16_tflops": flops / do_bench(lambda: a @ b, return_mode="median") / 1e9,
+        "fp8_tflops": flops / do_bench(lambda: torch._scaled_mm(
+            fa, fb, scale_a=one, scale_b=one, out_dtype=torch.bfloat16),
+            return_mode="median") / 1e9,
+        "int8_tops": flops / do_bench(lambda: torch._int_mm(ia, ib), return_mode="median") / 1e9,
+    }
+
+
+def model_weight_gb() -> dict:
+    """Weight GB of a whole Llama-3-8B per method: the linears quantized, embeddings and lm_head
+    in bf16."""
+    dense = 2 * VOCAB * HIDDEN * 2
+    out = {}
+    for method in METHODS:
+        per_layer = sum(weight_bytes(random_layer(method, n, k)) for n, k in LINEARS.values())
+        out[method] = (LAYERS * per_layer + dense) / 1e9
+        torch.cuda.empty_cache()
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--json", help="write the figures here")
+    p.add_argument("--sweep", action="store_true", help="also time W4A16 tile configurations")
+    p.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
+    args = p.parse_args()
+    torch.manual_seed(0)
+    ceilings = measured_ceilings()
+    print(f"{torch.cuda.get_device_name()}: copy {ceilings['copy_gbs']:.0f} GB/s, bf16 "
+          f"{ceilings['bf16_tflops']:.0f} TFLOP/s, fp8 {ceilings['fp8_tflops']:.0f} TFLOP/s, "
+          f"int8 {ceilings['int8_tops']:.0f} TOP/s")
+    weight_gb = model_weight_gb()
+    for method, gb in weight_gb.items():
+        print(f"Llama-3-8B weights, {method:>20}: {gb:6.2f} GB")
+    rows = [r for method in args.methods for linear in LINEARS
+            for r in bench_method(method, linear, ceilings)]
+    rows += [r for linear in LINEARS for r in bench_dequant_mm(linear)]
+    sweep = [r for linear in LINEARS for r in bench_sweep(linear)] if args.sweep else []
+    if args.json:
+        record = {"benchmark": "kernels_quant", "commit": git_commit(),
+                  "device": torch.cuda.get_device_name(),
+                  "command": "python " + shlex.join(sys.argv), "ceilings": ceilings,
+                  "weight_gb": weight_gb, "linears": rows, "sweep": sweep}
+        with open(args.json, "w") as f:
+            json.dump(record, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

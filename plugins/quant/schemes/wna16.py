@@ -1,0 +1,298 @@
+"""Weight-only int4/int8 (W4A16, W8A16) in the GPTQ, AWQ and compressed-tensors pack-quantized
+layouts.
+
+After loading, every layout is repacked into one: ``w_q`` int32 [K, N/pf] with the code of
+output column n in bits (n % pf) * bits of word n // pf (pf = 32 / bits: AWQ's packing without its
+reordering, which the Triton GEMM unpacks with interleaves, every word loaded once), ``w_scales``
+and ``w_zeros`` [G, N] in the activation dtype, w = (q - zero) * scale, and ``w_g_idx`` [K], the
+group of each input row (None when it is k // group_size). CUDA multiplies with the Triton GEMM,
+which dequantizes in registers; elsewhere the weight is dequantized, then multiplied (the
+reference twin).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from loom.plugins.quant.schemes.base import Scheme
+
+AWQ_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)   # column c of 8 sits in nibble AWQ_ORDER[c]
+AWQ_NIBBLES = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i holds column AWQ_NIBBLES[i]
+
+
+def unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """int32 [R / pf, C] -> codes [R, C]: row r in bits (r % pf) * bits of word r // pf."""
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=packed.device)
+    codes = (packed.unsqueeze(1) >> shifts[None, :, None]) & ((1 << bits) - 1)
+    return codes.reshape(-1, packed.shape[1])
+
+
+def unpack_cols(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """int32 [R, C / pf] -> codes [R, C], packed along the last dim."""
+    return unpack_rows(packed.t(), bits).t()
+
+
+def pack_cols(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """codes [R, C] (C a multiple of pf) -> int32 [R, C / pf], the inverse of unpack_cols."""
+    return pack_rows(codes.t(), bits).t().contiguous()
+
+
+def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """codes [R, C] (R a multiple of pf) -> int32 [R / pf, C], the inverse of unpack_rows."""
+    grouped = codes.to(torch.int32).reshape(-1, 32 // bits, codes.shape[1])
+    words = torch.zeros_like(grouped[:, 0])
+    for i in range(32 // bits):
+        words |= grouped[:, i] << (bits * i)
+    return words
+
+
+def dequantize(w_q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+               g_idx: torch.Tensor | None, bits: int, group_size: int) -> torch.Tensor:
+    """The weight [K, N] in the dtype of ``scales``."""
+    codes = unpack_cols(w_q, bits)
+    groups = g_idx if g_idx is not None else (
+        torch.arange(codes.shape[0], device=codes.device) // group_size)
+    return (codes.to(scales.dtype) - zeros[groups]) * scales[groups]
+
+
+def default_g_idx(k: int, groups: int, device) -> torch.Tensor:
+    return torch.arange(k, dtype=torch.int32, device=device) // (k // groups)
+
+
+def round_to_nearest(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool):
+    """A float weight [N, K] as unsigned codes [N, K], scales and zeros [N, G], w ~ (q - z) * s
+    per group of K: what an offline quantizer writes, for the conformance kit."""
+    n, k = weight.shape
+    w = weight.float().view(n, -1, k if group_size == -1 else group_size)
+    top = 2**bits - 1
+    if symmetric:
+        scale = w.abs().amax(-1).clamp(min=1e-8) / (top // 2)
+        zero = torch.full_like(scale, (top + 1) // 2)
+    else:
+        lo, hi = w.amin(-1).clamp(max=0), w.amax(-1).clamp(min=0)
+        scale = ((hi - lo) / top).clamp(min=1e-8)
+        zero = torch.round(-lo / scale)
+    codes = (torch.round(w / scale[..., None]) + zero[..., None]).clamp(0, top)
+    return codes.view(n, k).to(torch.int32), scale, zero.to(torch.int32)
+
+
+@functools.cache
+def _triton_gemm():
+    from loom.plugins.quant.triton.wna16 import wna16_gemm
+    return wna16_gemm
+
+
+class WNA16Scheme(Scheme):
+    """Shared by the layouts: the canonical tensors, the matmul. Subclasses create the
+    checkpoint's parameters (``create_quantized``) and read them back (``canonical``: codes
+    [K, N], scales and zeros [G, N], g_idx per shard or None)."""
+
+    def __init__(self, bits: int, group_size: int):
+        if bits not in (4, 8):
+            raise ValueError(f"{self.name}: {bits}-bit weights are not supported (4 or 8)")
+        if group_size == 0 or group_size < -1:
+            raise ValueError(f"{self.name}: group size {group_size} is not supported (a group "
+                             "size, or -1 for one group per column)")
+        self.bits, self.group_size = bits, group_size
+        self.pack = 32 // bits
+
+    def create_weights(self, layer, input_size, output_sizes, bias, params_dtype):
+        self.check_shape(input_size, output_sizes)
+        self.params_dtype = params_dtype
+        self.add_bias(layer, bias, params_dtype)
+        self.create_quantized(layer, input_size, sum(output_sizes), params_dtype)
+
+    def groups(self, input_size: int) -> int:
+        return 1 if self.group_size in (-1, input_size) else input_size // self.group_size
+
+    def check_shape(self, input_size: int, output_sizes: list[int]) -> None:
+        gs = self.group_size
+        if input_size % self.pack or (gs > 0 and input_size % gs):
+            raise ValueError(f"{self.name}: input size {input_size} is not a multiple of the "
+                             f"packing ({self.pack}) and group size ({gs})")
+        if any(n % self.pack for n in output_sizes):
+            raise ValueError(f"{self.name}: output sizes {output_sizes} are not multiples of "
+                             f"the packing ({self.pack})")
+
+    def process_after_loading(self, layer):
+        codes, scales, zeros, g_idx = self.canonical(layer)
+        k, dtype = codes.shape[0], self.params_dtype
+        if g_idx is not None:
+            g_idx = self.shared_g_idx(g_idx, k, scales.shape[0])
+        self.replace(layer, w_q=pack_cols(codes, self.bits),
+                     w_scales=scales.to(dtype).contiguous(),
+                     w_zeros=zeros.to(dtype).contiguous(), w_g_idx=g_idx)
+        layer.group_size = k if self.groups(k) == 1 else self.group_size
+
+    def shared_g_idx(self, g_idx: torch.Tensor, k: int, groups: int) -> torch.Tensor | None:
+        """One g_idx for all shards (the same input gives them the same act order); None if
+        it is the default k // group_size."""
+        if (g_idx[1:] != g_idx[0]).any():
+            raise ValueError(f"{self.name}: the shards of a fused layer have different g_idx "
+                             f"(act orders); loom needs one per fused layer")
+        g_idx = g_idx[0].to(torch.int32)
+        if g_idx.min() < 0 or g_idx.max() >= groups:
+            raise ValueError(f"{self.name}: g_idx out of range [0, {groups})")
+        default = default_g_idx(k, groups, g_idx.device)
+        return None if torch.equal(g_idx, default) else g_idx.contiguous()
+
+    def dequantize(self, layer):
+        return dequantize(layer.w_q, layer.w_scales, layer.w_zeros, layer.w_g_idx, self.bits,
+                          layer.group_size).t()
+
+    def apply(self, layer, x, bias):
+        x2 = x.reshape(-1, x.shape[-1])
+        if x.is_cuda:
+            y = _triton_gemm()(x2, layer.w_q, layer.w_scales, layer.w_zeros, layer.w_g_idx,
+                               self.bits, layer.group_size)
+        else:
+            w = dequantize(layer.w_q, layer.w_scales.to(x.dtype), layer.w_zeros.to(x.dtype),
+                           layer.w_g_idx, self.bits, layer.group_size)
+            y = x2 @ w
+        if bias is not None:
+            y = y + bias
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+
+class GPTQLayout(WNA16Scheme):
+    """GPTQ: ``qweight`` int32 [K/pf, N] packed along the input dim, ``qzeros`` int32 [G, N/pf]
+    along the output dim, ``scales`` [G, N], optional ``g_idx`` [K]. v1 checkpoints (gptq) store
+    zero - 1 (GPTQModel subtracts 1 from every packed code at once, borrows included; adding it
+    back the same way inverts that exactly), v2 (gptq_v2) the zero itself."""
+
+    name = "gptq"
+
+    def __init__(self, bits: int, group_size: int, v1: bool, desc_act: bool = False):
+        super().__init__(bits, group_size)
+        self.v1, self.desc_act = v1, desc_act
+
+    def create_quantized(self, layer, k, n, dtype):
+        g = self.groups(k)
+        self.new_param(layer, "qweight", (k // self.pack, n), torch.int32, output_dim=1)
+        self.new_param(layer, "qzeros", (g, n // self.pack), torch.int32, output_dim=1,
+                       packed_factor=self.pack)
+        self.new_param(layer, "scales", (g, n), dtype, output_dim=1)
+        self.per_shard_param(layer, "g_idx", (k,), torch.int32, parameter=False)
+
+    def canonical(self, layer):
+        qzeros = layer.qzeros.data
+        if self.v1:
+            qzeros = qzeros + sum(1 << (self.bits * i) for i in range(self.pack))
+        zeros = unpack_cols(qzeros, self.bits)
+        loaded = (layer.g_idx >= 0).all(dim=1)
+        if not loaded.all() and (loaded.any() or self.desc_act):
+            raise ValueError("gptq: the checkpoint lacks g_idx for some shards"
+                             + (" (desc_act is true)" if self.desc_act else ""))
+        g_idx = layer.g_idx if loaded.all() else None
+        return unpack_rows(layer.qweight.data, self.bits), layer.scales.data, zeros, g_idx
+
+    def quantize(self, weight):
+        codes, scales, zeros = round_to_nearest(weight, self.bits, self.group_size, False)
+        qzeros = pack_cols(zeros.t(), self.bits)
+        if self.v1:
+            qzeros = qzeros - sum(1 << (self.bits * i) for i in range(self.pack))
+        tensors = {"qweight": pack_rows(codes.t(), self.bits), "qzeros": qzeros,
+                   "scales": scales.t().contiguous()}
+        if self.desc_act:
+            k = weight.shape[1]
+            tensors["g_idx"] = default_g_idx(k, self.groups(k), weight.device)
+        return tensors
+
+    def checkpoint_names(self):
+        return ("qweight", "qzeros", "scales", "g_idx", "bias")
+
+
+class AWQLayout(WNA16Scheme):
+    """AWQ (GEMM): ``qweight`` int32 [K, N/8] and ``qzeros`` int32 [G, N/8] packed along the
+    output dim in the order AWQ_ORDER, zeros stored as they are, ``scales`` [G, N]."""
+
+    name = "awq"
+
+    def __init__(self, bits: int, group_size: int):
+        if bits != 4:
+            raise ValueError(f"awq: {bits}-bit weights are not supported (4)")
+        super().__init__(bits, group_size)
+
+    def create_quantized(self, layer, k, n, dtype):
+        g = self.groups(k)
+        self.new_param(layer, "qweight", (k, n // self.pack), torch.int32, output_dim=1,
+                       packed_factor=self.pack)
+        self.new_param(layer, "qzeros", (g, n // self.pack), torch.int32, output_dim=1,
+                       packed_factor=self.pack)
+        self.new_param(layer, "scales", (g, n), dtype, output_dim=1)
+
+    def awq_unpack(self, packed: torch.Tensor) -> torch.Tensor:
+        codes = unpack_cols(packed, self.bits)
+        return codes.view(codes.shape[0], -1, 8)[..., list(AWQ_ORDER)].reshape(codes.shape)
+
+    def canonical(self, layer):
+        zeros = self.awq_unpack(layer.qzeros.data)
+        return self.awq_unpack(layer.qweight.data), layer.scales.data, zeros, None
+
+    def awq_pack(self, codes: torch.Tensor) -> torch.Tensor:
+        return pack_cols(codes.view(codes.shape[0], -1, 8)[..., list(AWQ_NIBBLES)]
+                         .reshape(codes.shape), self.bits)
+
+    def quantize(self, weight):
+        codes, scales, zeros = round_to_nearest(weight, self.bits, self.group_size, False)
+        return {"qweight": self.awq_pack(codes.t()), "qzeros": self.awq_pack(zeros.t()),
+                "scales": scales.t().contiguous()}
+
+    def checkpoint_names(self):
+        return ("qweight", "qzeros", "scales", "bias")
+
+
+class PackQuantizedLayout(WNA16Scheme):
+    """compressed-tensors pack-quantized: ``weight_packed`` int32 [N, K/pf] of offset-binary
+    codes (q + 2^(bits-1)) packed along the input dim, ``weight_scale`` [N, G], ``weight_shape``
+    [2] per shard, ``weight_zero_point`` int32 [N/pf, G] packed along the output dim when
+    asymmetric, ``weight_g_idx`` [K] with group act order."""
+
+    name = "compressed-tensors"
+
+    def __init__(self, bits: int, group_size: int, symmetric: bool, has_g_idx: bool):
+        super().__init__(bits, group_size)
+        self.symmetric, self.has_g_idx = symmetric, has_g_idx
+
+    def create_quantized(self, layer, k, n, dtype):
+        g = self.groups(k)
+        self.new_param(layer, "weight_packed", (n, k // self.pack), torch.int32, output_dim=0)
+        self.new_param(layer, "weight_scale", (n, g), dtype, output_dim=0)
+        self.per_shard_param(layer, "weight_shape", (2,), torch.int64)
+        if not self.symmetric:
+            self.new_param(layer, "weight_zero_point", (n // self.pack, g), torch.int32,
+                           output_dim=0, packed_factor=self.pack)
+        if self.has_g_idx:
+            self.per_shard_param(layer, "weight_g_idx", (k,), torch.int32)
+
+    def canonical(self, layer):
+        k = layer.input_size
+        expected = torch.tensor([[n, k] for n in layer.output_sizes])
+        if not torch.equal(layer.weight_shape.data.cpu(), expected):
+            raise ValueError(f"compressed-tensors: weight_shape {layer.weight_shape.tolist()} "
+                             f"does not match the layer's {expected.tolist()}")
+        codes = unpack_cols(layer.weight_packed.data, self.bits).t()
+        scales = layer.weight_scale.data.t()
+        if self.symmetric:
+            zeros = torch.full_like(scales, 1 << (self.bits - 1))
+        else:
+            zeros = unpack_rows(layer.weight_zero_point.data, self.bits).t()
+        g_idx = layer.weight_g_idx.data if self.has_g_idx else None
+        return codes, scales, zeros, g_idx
+
+    def quantize(self, weight):
+        n, k = weight.shape
+        codes, scales, zeros = round_to_nearest(weight, self.bits, self.group_size,
+                                                self.symmetric)
+        tensors = {"weight_packed": pack_cols(codes, self.bits), "weight_scale": scales,
+                   "weight_shape": torch.tensor([n, k], device=weight.device)}
+        if not self.symmetric:
+            tensors["weight_zero_point"] = pack_rows(zeros, self.bits)
+        if self.has_g_idx:
+            tensors["weight_g_idx"] = default_g_idx(k, self.groups(k), weight.device)
+        return tensors
+
+    def checkpoint_names(self):
+        return ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point",
+                "weight_g_idx", "bias")

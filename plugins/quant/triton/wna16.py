@@ -1,0 +1,108 @@
+"""W4A16/W8A16 GEMM: y = x @ W for x [M, K] and an int4/int8 W [K, N] in the layout of
+``schemes/wna16.py``: int32 [K, N/pf] packed along N, scales and zeros [G, N], optional g_idx [K].
+
+Each program owns a BLOCK_M x BLOCK_N tile of y and walks its share of K in BLOCK_K steps. It loads
+the [BLOCK_K, BLOCK_N/pf] words of the weight tile once, widens them to [BLOCK_K, BLOCK_N] with
+interleaves (each word repeated over the pf columns it holds), shifts each column's code out,
+dequantizes in registers, (q - zero) * scale in fp32 rounded to the activation dtype, and meets
+the x tile in one tl.dot. With g_idx the scale and
+zero of every row are gathered; without it a BLOCK_K step lies inside one group and loads one row
+of each. Decode-sized M leaves too few tiles to fill the GPU, so K is split over SPLIT_K programs
+whose fp32 partial sums are added afterwards. The grid and the constexprs depend only on shapes
+and dtypes, so the kernel is safe to capture in a graph.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from loom.plugins.quant.triton.split_k import split_k_for
+
+
+@dataclass(frozen=True)
+class WNA16Config:
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def pick_config(m: int) -> WNA16Config:
+    if m <= 16:
+        return WNA16Config(16, 64, 128, 4, 4)
+    if m <= 64:
+        return WNA16Config(64, 64, 64, 4, 3)
+    return WNA16Config(128, 128, 64, 8, 3)
+
+
+@triton.jit
+def _wna16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, g_ptr, y_ptr, M, N, K, group_size, k_chunk,
+                  stride_xm, stride_ys, stride_ym,
+                  BITS: tl.constexpr, HAS_G_IDX: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    PACK: tl.constexpr = 32 // BITS
+    rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rw = tl.program_id(0) * (BLOCK_N // PACK) + tl.arange(0, BLOCK_N // PACK)
+    m_ok, n_ok, w_ok = rm < M, rn < N, rw < N // PACK
+    x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
+    k_start = tl.program_id(2) * k_chunk
+    k_end = tl.minimum(k_start + k_chunk, K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = rk < k_end
+        x = tl.load(x_rows + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        words = tl.load(w_ptr + rk.to(tl.int64)[:, None] * (N // PACK) + rw[None, :],
+                        mask=k_ok[:, None] & w_ok[None, :], other=0)
+        words = tl.interleave(words, words)
+        words = tl.interleave(words, words)
+        if BITS == 4:
+            words = tl.interleave(words, words)
+        q = (words >> ((rn % PACK) * BITS)[None, :]) & ((1 << BITS) - 1)
+        if HAS_G_IDX:
+            g = tl.load(g_ptr + rk, mask=k_ok, other=0)
+            at = g.to(tl.int64)[:, None] * N + rn[None, :]
+            scale = tl.load(s_ptr + at, mask=n_ok[None, :], other=0.0)
+            zero = tl.load(z_ptr + at, mask=n_ok[None, :], other=0.0)
+        else:
+            at = (k0 // group_size).to(tl.int64) * N + rn
+            scale = tl.load(s_ptr + at, mask=n_ok, other=0.0)[None, :]
+            zero = tl.load(z_ptr + at, mask=n_ok, other=0.0)[None, :]
+        w = ((q.to(tl.float32) - zero.to(tl.float32)) * scale.to(tl.float32)).to(x.dtype)
+        acc = tl.dot(x, w, acc, input_precision="ieee")
+    y = y_ptr + tl.program_id(2) * stride_ys + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :]
+    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def wna16_gemm(x: torch.Tensor, w_q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+               g_idx: torch.Tensor | None, bits: int, group_size: int,
+               config: WNA16Config | None = None, split_k: int | None = None) -> torch.Tensor:
+    """x [M, K] @ W -> [M, N] in x's dtype; group_size is K for one group per column."""
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    M, K = x.shape
+    N = w_q.shape[1] * (32 // bits)
+    cfg = config or pick_config(M)
+    block_k = cfg.block_k if g_idx is not None or group_size >= K else min(cfg.block_k, group_size)
+    if g_idx is None and group_size < K and group_size % block_k:
+        raise ValueError(f"wna16_gemm: group size {group_size} is not a multiple of "
+                         f"BLOCK_K {block_k}")
+    tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
+    k_steps = triton.cdiv(K, block_k)
+    k_chunk = triton.cdiv(k_steps, split_k or split_k_for(tiles, k_steps, x.device)) * block_k
+    splits = triton.cdiv(K, k_chunk)
+    if splits == 1:
+        y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    else:
+        y = torch.empty(splits, M, N, dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(N, cfg.block_n), triton.cdiv(M, cfg.block_m), splits)
+    _wna16_kernel[grid](
+        x, w_q, scales, zeros, w_q if g_idx is None else g_idx, y, M, N, K, group_size, k_chunk,
+        x.stride(0), y.stride(0) if splits > 1 else 0, y.stride(-2),
+        BITS=bits, HAS_G_IDX=g_idx is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_K=block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return y if splits == 1 else y.sum(0).to(x.dtype)
