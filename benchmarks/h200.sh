@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs on the lent H200 (device tool) from the repository root:
 #   bash benchmarks/h200.sh PHASE [PHASE ...]
-# Phases: install, test, kernels, latency, throughput, compare, serve.
+# Phases: install, test, kernels, latency, throughput, compare, quant, serve.
 # Logs and JSON results go to $OUT (fetched back) and benchmarks/results/.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
@@ -44,6 +44,10 @@ for phase in "$@"; do
       log "throughput 512 x 512/256 vs transformers"
       loom --log-level WARNING bench throughput --config $CFG --num-prompts 512 --input-len 512 \
         --output-len 256 --compare hf --hf-batch-size 256 --json "$OUT/throughput_512x512x256_vs_hf.json" 2>&1 | tail -20
+      ;;
+    quant)
+      log "quant kernels"
+      timeout 240 python3 benchmarks/kernels_quant.py --json "$OUT/kernels_quant_h200.json" 2>&1 | tail -45
       ;;
     serve)
       # Needs fastapi/uvicorn/pydantic there: carry .whl (README of the device tool).
