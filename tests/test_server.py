@@ -3,12 +3,16 @@ completions and chat, streaming and not, n, stop strings, seeds, logprobs, the s
 every error case in OpenAI's shape, and the server still answering after each bad request."""
 from __future__ import annotations
 
+import pytest
+
+pytest.importorskip("openai", reason="the server tests use the openai client")
+pytest.importorskip("fastapi", reason="the server needs fastapi (pip install loom[server])")
+
 import json
 import time
 
 import httpx
 import openai
-import pytest
 
 from live_server import MODEL_NAME, LiveServer, one_torch_thread, slowed
 from loom import LLM, SamplingParams

@@ -3,6 +3,11 @@
 to the shutdown timeout; `loom serve` does it on SIGTERM."""
 from __future__ import annotations
 
+import pytest
+
+pytest.importorskip("openai", reason="the server tests use the openai client")
+pytest.importorskip("fastapi", reason="the server needs fastapi (pip install loom[server])")
+
 import json
 import os
 import signal
@@ -14,7 +19,6 @@ import time
 
 import httpx
 import openai
-import pytest
 
 from live_server import MODEL_NAME, LiveServer, one_torch_thread, slowed
 

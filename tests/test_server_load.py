@@ -4,12 +4,16 @@ Every request that finishes has exactly its greedy offline text; afterwards ever
 free, nothing runs and the server is healthy. Also `loom bench serve` against it."""
 from __future__ import annotations
 
+import pytest
+
+pytest.importorskip("openai", reason="the server tests use the openai client")
+pytest.importorskip("fastapi", reason="the server needs fastapi (pip install loom[server])")
+
 import asyncio
 import json
 import random
 import time
 
-import pytest
 
 from live_server import MODEL_NAME, LiveServer, one_torch_thread
 from loom import LLM, SamplingParams
