@@ -10,10 +10,8 @@ from __future__ import annotations
 import re
 
 from loom.hookspecs import hookimpl
-from loom.plugins.quant.schemes.base import (Dense, check_kernels, checkpoint_config,
-                                             same_for_all_parts)
+from loom.plugins.quant.schemes.base import CheckpointMethod, Dense, same_for_all_parts
 from loom.plugins.quant.schemes.wna16 import AWQLayout, GPTQLayout
-from loom.quant import QuantMethod
 
 QUANT_METHODS = ("auto-round", "intel/auto-round")
 GPTQ_V1_BACKENDS = ("gptq", "exllamav2", "marlin", "triton", "qbits", "ipex")
@@ -33,8 +31,9 @@ def packing(config: dict) -> str:
                      "auto_round:gptqmodel, auto_round:auto_awq)")
 
 
-class AutoRound(QuantMethod):
+class AutoRound(CheckpointMethod):
     name = "auto-round"
+    quant_methods = QUANT_METHODS
 
     def __init__(self, config: dict):
         self.packing = packing(config)
@@ -46,18 +45,6 @@ class AutoRound(QuantMethod):
         self.blocks = blocks.split(",") if isinstance(blocks, str) else list(blocks or [])
         if int(config.get("act_bits", 16)) < 16:
             raise ValueError("auto-round: quantized activations are not supported (weight-only)")
-
-    @classmethod
-    def matches(cls, quantization_config):
-        return (bool(quantization_config)
-                and quantization_config.get("quant_method") in QUANT_METHODS)
-
-    @classmethod
-    def from_config(cls, quantization_config):
-        return cls(checkpoint_config(cls, quantization_config))
-
-    def check_platform(self, platform, dtype):
-        check_kernels(self.name, platform, "int4/int8 weight-only")
 
     def for_layer(self, prefix):
         settings = same_for_all_parts(prefix, self.settings)

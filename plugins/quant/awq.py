@@ -4,14 +4,13 @@ of module names) left unquantized."""
 from __future__ import annotations
 
 from loom.hookspecs import hookimpl
-from loom.plugins.quant.schemes.base import (Dense, check_kernels, checkpoint_config,
-                                             same_for_all_parts)
+from loom.plugins.quant.schemes.base import CheckpointMethod, Dense, same_for_all_parts
 from loom.plugins.quant.schemes.wna16 import AWQLayout
-from loom.quant import QuantMethod
 
 
-class AWQ(QuantMethod):
+class AWQ(CheckpointMethod):
     name = "awq"
+    quant_methods = ("awq",)
 
     def __init__(self, config: dict):
         self.bits = int(config.get("bits") or config.get("w_bit") or 4)
@@ -22,17 +21,6 @@ class AWQ(QuantMethod):
             raise ValueError(f"awq: version {version!r} is not supported (gemm)")
         if not config.get("zero_point", True):
             raise ValueError("awq: checkpoints without zero points are not supported")
-
-    @classmethod
-    def matches(cls, quantization_config):
-        return bool(quantization_config) and quantization_config.get("quant_method") == "awq"
-
-    @classmethod
-    def from_config(cls, quantization_config):
-        return cls(checkpoint_config(cls, quantization_config))
-
-    def check_platform(self, platform, dtype):
-        check_kernels(self.name, platform, "int4/int8 weight-only")
 
     def for_layer(self, prefix):
         if same_for_all_parts(prefix, lambda name: any(s in name for s in self.skip)):

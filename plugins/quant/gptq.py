@@ -7,16 +7,15 @@ from __future__ import annotations
 import re
 
 from loom.hookspecs import hookimpl
-from loom.plugins.quant.schemes.base import (Dense, check_kernels, checkpoint_config,
-                                             same_for_all_parts)
+from loom.plugins.quant.schemes.base import CheckpointMethod, Dense, same_for_all_parts
 from loom.plugins.quant.schemes.wna16 import GPTQLayout
-from loom.quant import QuantMethod
 
 FORMATS = ("gptq", "gptq_v2")
 
 
-class GPTQ(QuantMethod):
+class GPTQ(CheckpointMethod):
     name = "gptq"
+    quant_methods = ("gptq",)
 
     def __init__(self, config: dict):
         self.bits = int(config.get("bits", 4))
@@ -29,17 +28,6 @@ class GPTQ(QuantMethod):
                              f"({', '.join(FORMATS)})")
         if config.get("lm_head"):
             raise ValueError("gptq: a quantized lm_head is not supported")
-
-    @classmethod
-    def matches(cls, quantization_config):
-        return bool(quantization_config) and quantization_config.get("quant_method") == "gptq"
-
-    @classmethod
-    def from_config(cls, quantization_config):
-        return cls(checkpoint_config(cls, quantization_config))
-
-    def check_platform(self, platform, dtype):
-        check_kernels(self.name, platform, "int4/int8 weight-only")
 
     def for_layer(self, prefix):
         settings = same_for_all_parts(prefix, self.settings)

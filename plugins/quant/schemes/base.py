@@ -72,6 +72,25 @@ def check_kernels(method: str, platform, kind: str) -> None:
                          "cpu platform")
 
 
+class CheckpointMethod(QuantMethod):
+    """A method for checkpoints whose quantization_config names one of ``quant_methods``; its
+    layers need ``kernel_kind`` kernels (see check_kernels)."""
+    quant_methods: tuple[str, ...] = ()
+    kernel_kind = "int4/int8 weight-only"
+
+    @classmethod
+    def matches(cls, quantization_config):
+        return (bool(quantization_config)
+                and quantization_config.get("quant_method") in cls.quant_methods)
+
+    @classmethod
+    def from_config(cls, quantization_config):
+        return cls(checkpoint_config(cls, quantization_config))
+
+    def check_platform(self, platform, dtype):
+        check_kernels(self.name, platform, self.kernel_kind)
+
+
 class Scheme(QuantMethod):
     """A QuantMethod for one layer. Parameters carry ``output_dim`` with ``shard_sizes`` (rows of
     each fused shard along it: output size / ``packed_factor``, rounded up with ``ceil`` for
