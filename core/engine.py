@@ -115,7 +115,7 @@ class Engine:
                     r.model_path, self.platform.describe(), attn_cls.name, fused.name, quant.name,
                     r.dtype)
         runner = ModelRunner(config, r.model_config, self.platform, attn_cls, quant, model_cls,
-                             r.dtype, r.block_size, r.max_model_len)
+                             r.dtype, r.block_size, r.max_model_len, r.max_num_batched_tokens)
         self.executor: Executor = UniProcExecutor(runner)
         num_blocks = self.executor.determine_num_blocks()
         if num_blocks * r.block_size < r.max_model_len:

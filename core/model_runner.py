@@ -98,7 +98,8 @@ class PendingOutput:
 class ModelRunner:
     def __init__(self, config: EngineConfig, model_config: ModelConfig, platform: Platform,
                  attn_backend_cls: type[AttentionBackend], quant_method, model_cls,
-                 dtype: torch.dtype, block_size: int, max_model_len: int, device_index: int = 0):
+                 dtype: torch.dtype, block_size: int, max_model_len: int,
+                 max_num_batched_tokens: int, device_index: int = 0):
         from loom.loader import load_model
 
         self.config = config
@@ -108,6 +109,7 @@ class ModelRunner:
         self.dtype = dtype
         self.block_size = block_size
         self.max_model_len = max_model_len
+        self.max_num_batched_tokens = max_num_batched_tokens
         mc = model_config
         self.attn = attn_backend_cls(mc.num_attention_heads, mc.num_key_value_heads, mc.head_dim,
                                      mc.head_dim ** -0.5, dtype, self.device)
@@ -178,7 +180,7 @@ class ModelRunner:
     def _profile_run(self) -> None:
         """A step of max-num-batched-tokens prefill tokens over a throwaway cache, plus the
         logits and sampling of max-num-seqs rows."""
-        tokens = self.scheduler_token_budget()
+        tokens = self.max_num_batched_tokens
         num_seqs = max(1, min(self.config.max_num_seqs, tokens))
         per_seq = -(-tokens // num_seqs)
         blocks_per_seq = -(-per_seq // self.block_size)
@@ -190,10 +192,6 @@ class ModelRunner:
         rows = hidden[:1].expand(num_seqs, -1)
         torch.softmax(self.model.compute_logits(rows).float(), dim=-1)
         self.kv_caches = []
-
-    def scheduler_token_budget(self) -> int:
-        from loom.engine import DEFAULT_BATCHED_TOKENS
-        return self.config.max_num_batched_tokens or DEFAULT_BATCHED_TOKENS
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         mc = self.model_config
