@@ -64,7 +64,17 @@ def resolve_model_path(model: str) -> Path:
     return path
 
 
+# Config keys whose other values later versions implement; refused rather than ignored.
+NOT_YET = {"kv_cache_dtype": ("auto", "only 'auto' (the model dtype) in this version"),
+           "tensor_parallel_size": (1, "only 1 in this version"),
+           "speculative": (None, "speculative decoding is not available in this version")}
+
+
 def resolve(config: EngineConfig, platform, attn_cls) -> ResolvedConfig:
+    for key, (supported, why) in NOT_YET.items():
+        if getattr(config, key) != supported:
+            raise ConfigError(f"config key '{key.replace('_', '-')}': {why}, got "
+                              f"{getattr(config, key)!r}")
     path = resolve_model_path(config.model)
     mc = ModelConfig.from_dir(path)
     dtype = (platform.preferred_dtype(mc.dtype) if config.dtype == "auto"
