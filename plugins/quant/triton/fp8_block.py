@@ -11,22 +11,15 @@ the constexprs depend only on shapes and dtypes (graph safe).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from loom.plugins.quant.triton.split_k import split_k_for
+from loom.plugins.quant.triton.split_k import TileConfig, split_k_for
 
 
-@dataclass(frozen=True)
-class Fp8BlockConfig:
-    block_m: int
-    block_n: int
-    block_k: int
-    num_warps: int = 4
-    num_stages: int = 3
+Fp8BlockConfig = TileConfig
 
 
 def pick_config(m: int) -> Fp8BlockConfig:

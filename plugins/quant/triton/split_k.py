@@ -1,11 +1,22 @@
-"""How many programs split K in the quantized GEMMs: decode-sized M leaves fewer output tiles
-than the GPU has SMs, and splitting K (fp32 partial sums, added afterwards) fills them."""
+"""What the quantized GEMMs share: their tile configuration, and how many programs split K
+(decode-sized M leaves fewer output tiles than the GPU has SMs, and splitting K (fp32 partial
+sums, added afterwards) fills them)."""
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
 
 
 @functools.cache

@@ -13,22 +13,15 @@ and dtypes, so the kernel is safe to capture in a graph.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from loom.plugins.quant.triton.split_k import split_k_for
+from loom.plugins.quant.triton.split_k import TileConfig, split_k_for
 
 
-@dataclass(frozen=True)
-class WNA16Config:
-    block_m: int
-    block_n: int
-    block_k: int
-    num_warps: int = 4
-    num_stages: int = 3
+WNA16Config = TileConfig
 
 
 def pick_config(m: int) -> WNA16Config:
