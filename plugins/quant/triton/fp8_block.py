@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from loom.plugins.quant.triton.split_k import TileConfig, split_k_for
+from loom.plugins.quant.triton.split_k import TileConfig, plan_split_k
 
 
 Fp8BlockConfig = TileConfig
@@ -66,19 +66,11 @@ def fp8_block_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_sc
     if scale_block % block_k:
         raise ValueError(f"fp8_block_gemm: scale block {scale_block} is not a multiple of "
                          f"BLOCK_K {block_k}")
-    tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
-    k_steps = triton.cdiv(K, block_k)
-    k_chunk = triton.cdiv(k_steps, split_k or split_k_for(tiles, k_steps, a.device)) * block_k
-    splits = triton.cdiv(K, k_chunk)
-    if splits == 1:
-        y = torch.empty(M, N, dtype=out_dtype, device=a.device)
-    else:
-        y = torch.empty(splits, M, N, dtype=torch.float32, device=a.device)
-    grid = (triton.cdiv(N, cfg.block_n), triton.cdiv(M, cfg.block_m), splits)
-    _fp8_block_kernel[grid](
-        a, a_scale, b, b_scale, y, M, N, K, scale_block, k_chunk,
+    plan = plan_split_k(M, N, K, cfg, block_k, split_k, out_dtype, a.device)
+    _fp8_block_kernel[plan.grid](
+        a, a_scale, b, b_scale, plan.out, M, N, K, scale_block, plan.k_chunk,
         a.stride(0), a_scale.stride(0), b.stride(0), b_scale.stride(0),
-        y.stride(0) if splits > 1 else 0, y.stride(-2),
+        plan.split_stride, plan.out.stride(-2),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return y if splits == 1 else y.sum(0).to(out_dtype)
+    return plan.result(out_dtype)

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from loom.plugins.quant.triton.split_k import TileConfig, split_k_for
+from loom.plugins.quant.triton.split_k import TileConfig, plan_split_k
 
 
 WNA16Config = TileConfig
@@ -84,18 +84,10 @@ def wna16_gemm(x: torch.Tensor, w_q: torch.Tensor, scales: torch.Tensor, zeros: 
     if g_idx is None and group_size < K and group_size % block_k:
         raise ValueError(f"wna16_gemm: group size {group_size} is not a multiple of "
                          f"BLOCK_K {block_k}")
-    tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
-    k_steps = triton.cdiv(K, block_k)
-    k_chunk = triton.cdiv(k_steps, split_k or split_k_for(tiles, k_steps, x.device)) * block_k
-    splits = triton.cdiv(K, k_chunk)
-    if splits == 1:
-        y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    else:
-        y = torch.empty(splits, M, N, dtype=torch.float32, device=x.device)
-    grid = (triton.cdiv(N, cfg.block_n), triton.cdiv(M, cfg.block_m), splits)
-    _wna16_kernel[grid](
-        x, w_q, scales, zeros, w_q if g_idx is None else g_idx, y, M, N, K, group_size, k_chunk,
-        x.stride(0), y.stride(0) if splits > 1 else 0, y.stride(-2),
+    plan = plan_split_k(M, N, K, cfg, block_k, split_k, x.dtype, x.device)
+    _wna16_kernel[plan.grid](
+        x, w_q, scales, zeros, w_q if g_idx is None else g_idx, plan.out, M, N, K, group_size,
+        plan.k_chunk, x.stride(0), plan.split_stride, plan.out.stride(-2),
         BITS=bits, HAS_G_IDX=g_idx is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return y if splits == 1 else y.sum(0).to(x.dtype)
+    return plan.result(x.dtype)
