@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs on the lent H200 (device tool) from the repository root:
 #   bash benchmarks/h200.sh PHASE [PHASE ...]
-# Phases: install, test, kernels, latency, throughput, compare, quant, serve.
+# Phases: install, test, kernels, latency, throughput, compare, quant, serve;
+#   attn-setup, attn-test, attn-kernels, attn-e2e, attn-keep (FlashInfer / FlashAttention: carry .gpu).
 # Logs and JSON results go to $OUT (fetched back) and benchmarks/results/.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
@@ -48,6 +49,48 @@ for phase in "$@"; do
     quant)
       log "quant kernels"
       timeout 240 python3 benchmarks/kernels_quant.py --json "$OUT/kernels_quant_h200.json" 2>&1 | tail -45
+      ;;
+    attn-setup)
+      # FlashInfer and FlashAttention from the carried .gpu/ (benchmarks/attention_packages/).
+      log attn-setup
+      source benchmarks/attention_packages/install.sh
+      if ! python3 -c "import flash_attn_2_cuda" 2>/dev/null; then
+        python3 benchmarks/attention_packages/build_flash_attn.py /tmp/flash_attn-2.8.3.post2 \
+          /tmp/fa-build 2>&1 | tail -5 && cp /tmp/fa-build/flash_attn_2_cuda*.so "$site/"
+      fi
+      python3 -c "import flashinfer, flash_attn; print('flashinfer', flashinfer.__version__, 'flash_attn', flash_attn.__version__)"
+      loom plugins 2>&1 | grep -A2 "attention_flash"
+      ;;
+    attn-test)
+      log "attention backends: conformance kit and engine tests"
+      for b in flashinfer flash_attn; do
+        python3 -m pytest -q -p no:cacheprovider --pyargs loom.testing --loom-attention $b \
+          --loom-platform cuda 2>&1 | tail -6 | tee "$OUT/kit_$b.log"
+      done
+      python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu_attention_backends.py 2>&1 \
+        | tail -8 | tee "$OUT/gpu_attention_backends.log"
+      ;;
+    attn-kernels)
+      log "attention kernels: triton vs flashinfer vs flash_attn"
+      python3 benchmarks/attention_backends.py --out "$OUT/attention_backends_h200.json" 2>&1 | tail -45
+      ;;
+    attn-e2e)
+      for b in ${ATTN_BACKENDS:-triton flashinfer flash_attn}; do
+        log "throughput 1000 x 1024/1024, attention-backend $b"
+        loom --log-level INFO bench throughput --config $CFG --attention-backend $b --num-prompts 1000 \
+          --input-len 1024 --output-len 1024 --json "$OUT/throughput_$b.json" 2>&1 \
+          | grep -v "^Processed" | grep -i "throughput\|tok/s\|error\|blocks\|captured" | tail -8
+        log "latency batch 1, 128 in / 256 out, attention-backend $b"
+        loom --log-level WARNING bench latency --config $CFG --attention-backend $b --batch-size 1 \
+          --input-len 128 --output-len 256 --num-iters 5 --num-iters-warmup 2 \
+          --json "$OUT/latency_b1_$b.json" 2>&1 | tail -6
+      done
+      ;;
+    attn-keep)
+      # What the next lease restores instead of rebuilding: the extension and FlashInfer's JIT.
+      cp "$site"/flash_attn_2_cuda*.so "$OUT/" 2>/dev/null
+      (cd "$FLASHINFER_WORKSPACE_BASE" && find . -name "*.so" | tar cf "$OUT/flashinfer-jit.tar" -T -)
+      ls -la "$OUT"
       ;;
     serve)
       # Needs fastapi/uvicorn/pydantic there: carry .whl (README of the device tool).

@@ -27,6 +27,7 @@ class AttentionMetadata:
     query_start_loc_cpu: torch.Tensor
     seq_lens_cpu: torch.Tensor
     block_size: int
+    block_tables_cpu: torch.Tensor | None = None   # the host copy, where the runner has one
 
     @property
     def num_decode_tokens(self) -> int:
@@ -40,6 +41,7 @@ class AttentionBackend:
     supported_dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
     required_block_size: int | None = None    # the core uses this block size when set
     supports_graphs: bool = False             # forward may be captured in a device graph
+    unavailable: str | None = None            # set: registered only to say what is missing
 
     @classmethod
     def is_supported(cls, platform) -> bool:
@@ -65,6 +67,17 @@ class AttentionBackend:
         """Per-step, outside any graph: turn the common metadata into what forward takes."""
         return common
 
+    def build_graph_metadata(self, common: AttentionMetadata):
+        """Once per captured batch size, before the capture: the metadata a decode graph holds.
+        ``common``'s device tensors are the graph's persistent buffers."""
+        return self.build_metadata(common)
+
+    def plan_replay(self, graph_metadata, step: AttentionMetadata) -> None:
+        """Before each replay of a captured decode graph, outside it: update what
+        ``graph_metadata`` keeps beside the device buffers (host-side plans) for this step,
+        whose host tensors (``seq_lens_cpu``, ``block_tables_cpu``) hold the padded batch.
+        Backends that read only the device buffers need nothing here."""
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: torch.Tensor, metadata) -> torch.Tensor:
         """Write k/v [T, num_kv_heads, D] into ``kv_cache`` by slot mapping, then attend.
@@ -74,3 +87,12 @@ class AttentionBackend:
         another sequence of the same step fills (n > 1 siblings, shared prefixes).
         """
         raise NotImplementedError
+
+
+def unavailable_backend(name: str, reason: str) -> type[AttentionBackend]:
+    """A placeholder registered under ``name`` by a plugin whose package does not import: it
+    runs nowhere, and naming it in the config fails with ``reason`` (what is missing, how to
+    install it)."""
+    return type(f"Unavailable_{name}", (AttentionBackend,), {
+        "name": name, "unavailable": reason,
+        "is_supported": classmethod(lambda cls, platform: False)})

@@ -45,28 +45,27 @@ class DecodeGraphs:
         self.host = {name: torch.zeros(t.shape, dtype=t.dtype, pin_memory=pin)
                      for name, t in self._buffers().items()}
         self.copied = torch.Event(device=dev)     # the last step's copies out of staging
-        self.graphs: dict[int, tuple[object, torch.Tensor]] = {}
+        self.graphs: dict[int, tuple[object, torch.Tensor, object]] = {}
 
     def _buffers(self) -> dict[str, torch.Tensor]:
         return {"input_ids": self.input_ids, "positions": self.positions,
                 "slot_mapping": self.slot_mapping, "seq_lens": self.seq_lens,
                 "block_tables": self.block_tables}
 
-    def _metadata(self, size: int):
+    def _common(self, size: int, seq_lens_cpu: torch.Tensor,
+                block_tables_cpu: torch.Tensor | None) -> AttentionMetadata:
         r = self.runner
-        common = AttentionMetadata(
+        return AttentionMetadata(
             num_seqs=size, num_decodes=size, num_tokens=size, max_query_len=1,
             max_seq_len=r.max_model_len, query_start_loc=self.query_start[:size + 1],
             seq_lens=self.seq_lens[:size], block_tables=self.block_tables[:size],
             slot_mapping=self.slot_mapping[:size],
             query_start_loc_cpu=torch.arange(size + 1, dtype=torch.int32),
-            seq_lens_cpu=torch.zeros(size, dtype=torch.int32), block_size=r.block_size)
-        return r.attn.build_metadata(common)
+            seq_lens_cpu=seq_lens_cpu, block_size=r.block_size, block_tables_cpu=block_tables_cpu)
 
-    def _forward(self, size: int) -> torch.Tensor:
+    def _forward(self, size: int, metadata) -> torch.Tensor:
         r = self.runner
-        return r.model(self.input_ids[:size], self.positions[:size], r.kv_caches,
-                       self._metadata(size))
+        return r.model(self.input_ids[:size], self.positions[:size], r.kv_caches, metadata)
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -75,11 +74,14 @@ class DecodeGraphs:
         pool = platform.graph_pool()
         with platform.graph_capture() as stream:
             for size in reversed(self.sizes):      # largest first: later ones reuse its pool
-                self._forward(size)                # warm-up: kernels compiled, workspaces made
+                # Host values as a graph sees them: placeholders, replayed with other values.
+                metadata = self.runner.attn.build_graph_metadata(
+                    self._common(size, torch.zeros(size, dtype=torch.int32), None))
+                self._forward(size, metadata)      # warm-up: kernels compiled, workspaces made
                 graph = platform.make_graph()
                 with platform.capture(graph, pool, stream):
-                    out = self._forward(size)
-                self.graphs[size] = (graph, out)
+                    out = self._forward(size, metadata)
+                self.graphs[size] = (graph, out, metadata)
         platform.synchronize()
         logger.info("captured %d decode graphs (batch sizes %s) in %.1f s", len(self.graphs),
                     ",".join(map(str, self.sizes)), time.perf_counter() - start)
@@ -105,6 +107,8 @@ class DecodeGraphs:
             buf[:rows].copy_(h[name][:rows], non_blocking=True)
         self.copied.record()
         self.runner.fill_placeholders(self.input_ids, hb)
-        graph, out = self.graphs[size]
+        graph, out, metadata = self.graphs[size]
+        step = self._common(size, h["seq_lens"][:size], h["block_tables"][:size, :width])
+        self.runner.attn.plan_replay(metadata, step)
         graph.replay()
         return out[:n]

@@ -278,7 +278,8 @@ class ModelRunner:
             max_query_len=int(np.diff(hb.query_start).max()), max_seq_len=int(hb.seq_lens.max()),
             query_start_loc=self._h2d(hb.query_start), seq_lens=self._h2d(hb.seq_lens),
             block_tables=self._h2d(hb.block_table), slot_mapping=self._h2d(hb.slot_mapping),
-            query_start_loc_cpu=qsl_cpu, seq_lens_cpu=lens_cpu, block_size=self.block_size)
+            query_start_loc_cpu=qsl_cpu, seq_lens_cpu=lens_cpu, block_size=self.block_size,
+            block_tables_cpu=torch.from_numpy(hb.block_table))
         input_ids = self._h2d(hb.input_ids)
         self.fill_placeholders(input_ids, hb)
         return input_ids, self._h2d(hb.positions), metadata

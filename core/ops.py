@@ -1,4 +1,5 @@
-"""Fused hot ops of the model: RMSNorm (with the residual add), SiLU-and-mul, rotary embedding.
+"""Fused hot ops of the model: RMSNorm (with the residual add), SiLU-and-mul, rotary embedding,
+and the paged KV-cache write that attention backends without their own may call.
 
 ``FusedOps`` is both the interface and its torch reference twin, numerically what Hugging Face
 transformers computes. Plugins register faster subclasses through ``loom_fused_ops``; the
@@ -14,6 +15,7 @@ from loom.hookspecs import hookimpl
 
 class FusedOps:
     name = "torch"
+    graph_safe_write_kv = False      # write_kv reads a device value on the host (slots -1)
 
     @classmethod
     def is_supported(cls, platform) -> bool:
@@ -43,6 +45,24 @@ class FusedOps:
         cos = torch.cat((cos, cos), dim=-1).unsqueeze(1)
         sin = torch.cat((sin, sin), dim=-1).unsqueeze(1)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+    def write_kv(self, kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> None:
+        write_kv(kv_cache, k, v, slot_mapping)
+
+
+def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Store k/v [T, KVH, D] into kv_cache [2, num_blocks, block_size, KVH, D] at flat slots
+    (block * block_size + offset); slot -1 (padding) is skipped."""
+    slots = slot_mapping[:k.shape[0]]
+    valid = slots >= 0
+    if not bool(valid.all()):
+        slots, k, v = slots[valid], k[valid], v[valid]
+    key_cache = kv_cache[0].view(-1, *kv_cache.shape[-2:])
+    value_cache = kv_cache[1].view(-1, *kv_cache.shape[-2:])
+    key_cache.index_copy_(0, slots, k.to(key_cache.dtype))
+    value_cache.index_copy_(0, slots, v.to(value_cache.dtype))
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -321,6 +321,8 @@ class PluginManager:
                 f"({', '.join(defaults)}) is registered and supported; "
                 f"supported there: {self._supported(kind, platform)}")
         cls = self.get(kind, name)
+        if getattr(cls, "unavailable", None):
+            raise PluginError(f"{what} {name!r} cannot be used: {cls.unavailable}")
         if not cls.is_supported(platform):
             raise PluginError(f"{what} {name!r} does not support platform {platform.name!r}; "
                               f"supported there: {self._supported(kind, platform)}")
@@ -399,6 +401,10 @@ def format_report(pm: PluginManager) -> str:
         for kind in KINDS:
             if kind in info.registers:
                 lines.append(f"    {_label(kind)}: {', '.join(info.registers[kind])}")
+                for name in info.registers[kind]:
+                    reason = getattr(pm.get(kind, name), "unavailable", None)
+                    if reason:
+                        lines.append(f"    {name} is unavailable: {reason}")
         if not info.registers:
             lines.append("    (registers nothing)")
     if pm.load_errors:

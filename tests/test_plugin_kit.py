@@ -86,7 +86,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from loom import hookimpl
-from loom.plugins.attention.torch_ref import TorchRefAttention, gather_kv, write_kv
+from loom.ops import write_kv
+from loom.plugins.attention.torch_ref import TorchRefAttention, gather_kv
 from loom.quant import QuantMethod
 
 

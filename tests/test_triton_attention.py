@@ -9,7 +9,6 @@ from triton_interpreter import DEVICE, interpreter_bf16_dot, tl, triton  # noqa:
 
 from attention_cases import (DECODE_BATCH, MIXED_BATCHES, TOLERANCE, build_metadata,  # noqa: E402
                              random_inputs, rel_err, run_with_ref)
-from loom.plugins.attention.torch_ref import write_kv  # noqa: E402
 from loom.plugins.attention.triton import TritonAttention  # noqa: E402
 from loom.plugins.attention.triton.backend import num_kv_splits  # noqa: E402
 
@@ -34,17 +33,6 @@ def check(backend, batch, block_size, num_pad=0, max_blocks=None, seed=0):
     assert rel_err(out[:num_tokens], ref[:num_tokens]) < TOLERANCE[backend.dtype]
     assert torch.equal(cache, ref_cache)
     return out, metadata
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_reshape_and_cache_matches_torch_ref(dtype):
-    metadata, num_blocks = build_metadata([(3, 1), (0, 9), (14, 5)], 16, DEVICE)
-    metadata.slot_mapping[4] = -1                     # a token that writes nothing
-    _, k, v, kv_cache = random_inputs(metadata, num_blocks, 4, 2, 64, dtype, DEVICE)
-    expected = kv_cache.clone()
-    write_kv(expected, k, v, metadata.slot_mapping)
-    make_backend(4, 2, 64, dtype).kernels.reshape_and_cache(k, v, kv_cache, metadata.slot_mapping)
-    assert torch.equal(kv_cache, expected)
 
 
 @pytest.mark.parametrize("heads", HEADS, ids=str)

@@ -13,6 +13,7 @@ from loom.ops import FusedOps  # noqa: E402
 from loom.platform import Platform  # noqa: E402
 from loom.plugins.ops.triton import TritonFusedOps, loom_fused_ops  # noqa: E402
 from loom.plugins.quant.unquantized import Unquantized  # noqa: E402
+from attention_cases import build_metadata, random_inputs  # noqa: E402
 from test_models import (PROMPT_LENS, allocate_blocks, load_loom, make_prompts,  # noqa: E402
                          run_step)
 
@@ -139,3 +140,16 @@ def test_tiny_model_with_triton_ops(tiny_models, monkeypatch, name):
                           list(PROMPT_LENS), [1] * 3, num_decodes=3)
         logits.append(torch.cat([prefill, decode]))
     assert rel_err(logits[1], logits[0]) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_write_kv_matches_torch_twin(dtype):
+    """Slots across blocks in random order, one padding token (slot -1) that writes nothing."""
+    metadata, num_blocks = build_metadata([(3, 1), (0, 9), (14, 5)], 16, DEVICE)
+    metadata.slot_mapping[4] = -1
+    _, k, v, kv_cache = random_inputs(metadata, num_blocks, 4, 2, 64, dtype, DEVICE)
+    expected = kv_cache.clone()
+    REF.write_kv(expected, k, v, metadata.slot_mapping)
+    OPS.write_kv(kv_cache, k, v, metadata.slot_mapping)
+    assert not torch.equal(expected, kv_cache.clone().zero_())
+    assert torch.equal(kv_cache, expected)

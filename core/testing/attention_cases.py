@@ -77,7 +77,8 @@ def build_metadata(batch, block_size: int, device="cpu", num_pad: int = 0,
         num_tokens=sum(new for _, new in batch), max_query_len=max(query_lens),
         max_seq_len=max(seq_lens), query_start_loc=qsl.to(device), seq_lens=lens.to(device),
         block_tables=block_tables.to(device), slot_mapping=torch.cat(slots).to(device),
-        query_start_loc_cpu=qsl, seq_lens_cpu=lens, block_size=block_size)
+        query_start_loc_cpu=qsl, seq_lens_cpu=lens, block_size=block_size,
+        block_tables_cpu=block_tables)
     return metadata, num_blocks
 
 

@@ -1,6 +1,7 @@
 """Conformance of an attention backend (--loom-attention NAME) against torch_ref."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -129,27 +130,33 @@ def _decode_case(cls, ref_cls, device, dtype, batch=DECODE_BATCH, width=None, se
 
 
 def as_captured(metadata):
-    """The metadata as the model runner passes it while capturing a decode graph: the device
-    tensors are the step's, the host values placeholders (the replayed steps have others)."""
+    """The metadata as the model runner passes it to build_graph_metadata before capturing a
+    decode graph: the device tensors are the step's, the host values placeholders (the replayed
+    steps have others). Returns it and the step with its true host values, for plan_replay."""
+    step = dataclasses.replace(metadata)
     n = metadata.num_seqs
     metadata.query_start_loc_cpu = torch.arange(n + 1, dtype=torch.int32)
     metadata.seq_lens_cpu = torch.zeros(n, dtype=torch.int32)
+    metadata.block_tables_cpu = None
     metadata.max_seq_len = metadata.block_tables.shape[1] * metadata.block_size
     metadata.max_query_len = 1
-    return metadata
+    return metadata, step
 
 
 def test_graph_safe_decode(loom_attention, loom_reference_attention, loom_device, dtype,
                            monkeypatch):
-    """A backend claiming supports_graphs: a decode-only step (build_metadata and forward) reads
-    no device value on the host and uses no per-step host value: the runner captures it once
-    and replays it."""
+    """A backend claiming supports_graphs: the forward of a decode-only step, given the metadata
+    of build_graph_metadata (placeholder host values) and planned by plan_replay, reads no device
+    value on the host and uses no per-step host value: the runner captures it once and replays
+    it after plan_replay."""
     if not loom_attention.supports_graphs:
         pytest.skip(f"{loom_attention.name} does not claim supports_graphs")
     backend, ref, metadata, cache, ref_cache, (q, k, v) = _decode_case(
         loom_attention, loom_reference_attention, loom_device, dtype)
     ref_out = ref.forward(q, k, v, ref_cache, metadata)
-    as_captured(metadata)
+    captured, step = as_captured(metadata)
+    graph_metadata = backend.build_graph_metadata(captured)
+    backend.plan_replay(graph_metadata, step)
 
     def host_read(*_args, **_kwargs):
         raise AssertionError("the decode path reads a tensor's values into Python (a captured "
@@ -158,7 +165,7 @@ def test_graph_safe_decode(loom_attention, loom_reference_attention, loom_device
         monkeypatch.setattr(torch.Tensor, name, host_read)
     sync_mode = _sync_debug_mode(loom_device, "error")
     try:
-        out = backend.forward(q, k, v, cache, backend.build_metadata(metadata))
+        out = backend.forward(q, k, v, cache, graph_metadata)
     finally:
         _sync_debug_mode(loom_device, sync_mode)
         monkeypatch.undo()
@@ -195,17 +202,17 @@ def test_graph_capture_and_replay(loom_attention, loom_reference_attention, loom
     captured, _ = build_metadata(first, md.block_size, loom_device, 1, width)
     static = [t.clone() for t in (q, k, v)]
     replay_cache = cache.clone()
+    graph_metadata = backend.build_graph_metadata(as_captured(captured)[0])
     pool = loom_platform.graph_pool()
     with loom_platform.graph_capture() as stream:
-        backend.forward(*static, replay_cache.clone(),
-                        backend.build_metadata(as_captured(captured)))     # warm-up
+        backend.forward(*static, replay_cache.clone(), graph_metadata)     # warm-up
         graph = loom_platform.make_graph()
         with loom_platform.capture(graph, pool, stream):
-            out = backend.forward(*static, replay_cache,
-                                  backend.build_metadata(as_captured(captured)))
+            out = backend.forward(*static, replay_cache, graph_metadata)
     loom_platform.synchronize()
     for name in ("query_start_loc", "seq_lens", "block_tables", "slot_mapping"):
         getattr(captured, name).copy_(getattr(md, name))
+    backend.plan_replay(graph_metadata, md)
     for dst, src in zip(static, (q, k, v)):
         dst.copy_(src)
     replay_cache.copy_(cache)

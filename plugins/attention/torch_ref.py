@@ -8,20 +8,7 @@ import torch
 
 from loom.attention import AttentionBackend, AttentionMetadata
 from loom.hookspecs import hookimpl
-
-
-def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    """Store k/v [T, KVH, D] at flat slots (block * block_size + offset); slot -1 is skipped."""
-    num_tokens = k.shape[0]
-    slots = slot_mapping[:num_tokens]
-    valid = slots >= 0
-    if not bool(valid.all()):
-        slots, k, v = slots[valid], k[valid], v[valid]
-    key_cache = kv_cache[0].view(-1, *kv_cache.shape[-2:])
-    value_cache = kv_cache[1].view(-1, *kv_cache.shape[-2:])
-    key_cache.index_copy_(0, slots, k.to(key_cache.dtype))
-    value_cache.index_copy_(0, slots, v.to(value_cache.dtype))
+from loom.ops import write_kv
 
 
 def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int):

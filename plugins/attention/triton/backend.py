@@ -59,14 +59,16 @@ class TritonAttention(AttentionBackend):
         # Imported here, not at module level: triton.jit picks compiled or interpreted
         # (TRITON_INTERPRET) when the kernels are defined.
         from loom.plugins.attention.triton import kernels
+        from loom.plugins.ops.triton import kernels as ops_kernels
         self.kernels = kernels
+        self.write_kv = ops_kernels.write_kv      # the one cache-write kernel, shared with ops
         device = torch.device(device)
         self.num_sms = (torch.cuda.get_device_properties(device).multi_processor_count
                         if device.type == "cuda" else 1)
         self.kv_splits: int | None = None    # fixed split count (a power of two); None: heuristic
 
     def forward(self, q, k, v, kv_cache, metadata: AttentionMetadata):
-        self.kernels.reshape_and_cache(k, v, kv_cache, metadata.slot_mapping)
+        self.write_kv(kv_cache, k, v, metadata.slot_mapping)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         if metadata.num_decodes:
             self._decode(out, q, kv_cache, metadata)

@@ -1,5 +1,6 @@
 """Triton kernels for paged attention over a [2, num_blocks, block_size, num_kv_heads, head_size]
-KV cache: the cache write, attention for mixed batches, and split-KV decode with its reduction.
+KV cache: attention for mixed batches, and split-KV decode with its reduction (the cache write
+is the fused ops plugin's ``write_kv`` kernel, shared with the other backends).
 
 Rows of a program's query tile are (token, query head) pairs of one KV head's group, so every
 K/V tile is loaded once per group. Softmax runs online in base 2, accumulating in fp32.
@@ -10,28 +11,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-
-@triton.jit
-def _reshape_and_cache(k_ptr, v_ptr, cache_ptr, slot_ptr,
-                       k_stride_t, k_stride_h, v_stride_t, v_stride_h,
-                       c_stride_kv, c_stride_block, c_stride_off, c_stride_h,
-                       NUM_KV_HEADS: tl.constexpr, HEAD_SIZE: tl.constexpr,
-                       BLOCK_SIZE: tl.constexpr, HEADS_PAD: tl.constexpr,
-                       HEAD_PAD: tl.constexpr):
-    token = tl.program_id(0)
-    slot = tl.load(slot_ptr + token).to(tl.int64)
-    if slot < 0:
-        return
-    h = tl.arange(0, HEADS_PAD)[:, None]
-    d = tl.arange(0, HEAD_PAD)[None, :]
-    mask = (h < NUM_KV_HEADS) & (d < HEAD_SIZE)
-    k = tl.load(k_ptr + token * k_stride_t + h * k_stride_h + d, mask=mask)
-    v = tl.load(v_ptr + token * v_stride_t + h * v_stride_h + d, mask=mask)
-    dst = (cache_ptr + (slot // BLOCK_SIZE) * c_stride_block + (slot % BLOCK_SIZE) * c_stride_off
-           + h * c_stride_h + d)
-    tl.store(dst, k.to(cache_ptr.dtype.element_ty), mask=mask)
-    tl.store(dst + c_stride_kv, v.to(cache_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -224,17 +203,6 @@ def _cache_strides(kv_cache):
 def _pad(n: int) -> int:
     """Power-of-two extent (at least 16, the smallest tl.dot operand) covering n."""
     return max(16, triton.next_power_of_2(n))
-
-
-def reshape_and_cache(k, v, kv_cache, slot_mapping) -> None:
-    """Store k/v [T, KVH, D] at flat slots (block * block_size + offset); slot -1 is skipped."""
-    num_tokens, num_kv_heads, head_size = k.shape
-    assert k.stride(-1) == 1 and v.stride(-1) == 1
-    _reshape_and_cache[(num_tokens,)](
-        k, v, kv_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        *_cache_strides(kv_cache), NUM_KV_HEADS=num_kv_heads, HEAD_SIZE=head_size,
-        BLOCK_SIZE=kv_cache.shape[2], HEADS_PAD=triton.next_power_of_2(num_kv_heads),
-        HEAD_PAD=triton.next_power_of_2(head_size))
 
 
 def prefill_attention(out, q, kv_cache, block_tables, seq_lens, query_start_loc, first_seq: int,

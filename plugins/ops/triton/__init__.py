@@ -12,6 +12,7 @@ from loom.ops import FusedOps
 
 class TritonFusedOps(FusedOps):
     name = "triton"
+    graph_safe_write_kv = True
 
     @classmethod
     def is_supported(cls, platform) -> bool:
@@ -34,6 +35,9 @@ class TritonFusedOps(FusedOps):
 
     def rotary(self, positions, q, k, cos_sin_cache):
         return self.kernels.rotary(positions, q, k, cos_sin_cache)
+
+    def write_kv(self, kv_cache, k, v, slot_mapping):
+        self.kernels.write_kv(kv_cache, k, v, slot_mapping)
 
 
 @hookimpl

@@ -1,5 +1,6 @@
 """Triton kernels for the fused ops: RMSNorm (optionally with the residual add), SiLU-and-mul
-and rotate-half rotary. fp32 math; results rounded where the torch twin rounds.
+and rotate-half rotary. fp32 math; results rounded where the torch twin rounds. And the paged
+KV-cache write by slot mapping, for a [2, num_blocks, block_size, num_kv_heads, head_size] cache.
 
 Graph safety: grids and constexprs depend only on tensor shapes, strides and dtypes.
 Only Triton APIs available since 3.0 are used.
@@ -133,3 +134,36 @@ def rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
         BLOCK_HK=triton.next_power_of_2(k.shape[1]), BLOCK_D=triton.next_power_of_2(half),
         num_warps=4)
     return q, k
+
+
+@triton.jit
+def _write_kv_kernel(k_ptr, v_ptr, cache_ptr, slot_ptr,
+                     k_stride_t, k_stride_h, v_stride_t, v_stride_h,
+                     c_stride_kv, c_stride_block, c_stride_off, c_stride_h,
+                     NUM_KV_HEADS: tl.constexpr, HEAD_SIZE: tl.constexpr,
+                     BLOCK_SIZE: tl.constexpr, HEADS_PAD: tl.constexpr,
+                     HEAD_PAD: tl.constexpr):
+    token = tl.program_id(0)
+    slot = tl.load(slot_ptr + token).to(tl.int64)
+    if slot < 0:
+        return
+    h = tl.arange(0, HEADS_PAD)[:, None]
+    d = tl.arange(0, HEAD_PAD)[None, :]
+    mask = (h < NUM_KV_HEADS) & (d < HEAD_SIZE)
+    k = tl.load(k_ptr + token * k_stride_t + h * k_stride_h + d, mask=mask)
+    v = tl.load(v_ptr + token * v_stride_t + h * v_stride_h + d, mask=mask)
+    dst = (cache_ptr + (slot // BLOCK_SIZE) * c_stride_block + (slot % BLOCK_SIZE) * c_stride_off
+           + h * c_stride_h + d)
+    tl.store(dst, k.to(cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst + c_stride_kv, v.to(cache_ptr.dtype.element_ty), mask=mask)
+
+
+def write_kv(kv_cache, k, v, slot_mapping) -> None:
+    """Store k/v [T, KVH, D] at flat slots (block * block_size + offset); slot -1 is skipped."""
+    num_tokens, num_kv_heads, head_size = k.shape
+    assert k.stride(-1) == 1 and v.stride(-1) == 1 and kv_cache.stride(-1) == 1
+    _write_kv_kernel[(num_tokens,)](
+        k, v, kv_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        *kv_cache.stride()[:4], NUM_KV_HEADS=num_kv_heads, HEAD_SIZE=head_size,
+        BLOCK_SIZE=kv_cache.shape[2], HEADS_PAD=triton.next_power_of_2(num_kv_heads),
+        HEAD_PAD=triton.next_power_of_2(head_size))

@@ -1,0 +1,116 @@
+"""Kernel-level comparison of the attention backends on one GPU (Llama-3-8B heads: 32 query,
+8 KV, head size 128, bf16): decode steps replayed as CUDA graphs (batch 1/32/256, context
+1k/8k) and prefill chunks (512 and 2048 tokens, with no and with a 4k cached prefix), each
+against the ceilings measured in the same run (copy bandwidth, bf16 matmul TFLOP/s).
+
+    python benchmarks/attention_backends.py --backends triton flashinfer flash_attn --out X.json
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+
+import torch
+from triton.testing import do_bench
+
+from loom import ops
+from loom.plugin_manager import get_plugin_manager
+from loom.testing.attention_cases import build_metadata, random_cache, random_qkv
+
+H, KVH, D, DT = 32, 8, 128, torch.bfloat16
+DECODE = [(b, c) for b in (1, 32, 256) for c in (1024, 8192)]
+PREFILL = [(chunk, prefix, seqs) for chunk, seqs in ((512, 8), (2048, 2)) for prefix in (0, 4096)]
+
+
+def ceilings(dev) -> dict:
+    x = torch.empty(2 * 1024 ** 3, dtype=torch.uint8, device=dev)
+    y = torch.empty_like(x)
+    ms = do_bench(lambda: y.copy_(x), warmup=5, rep=50)
+    a = torch.randn(8192, 8192, dtype=DT, device=dev)
+    mm = do_bench(lambda: a @ a, warmup=5, rep=30)
+    return {"copy_GBps": round(2 * x.numel() / ms / 1e6), "matmul_TFLOPs": round(2 * 8192 ** 3 / mm / 1e9)}
+
+
+def make(cls, dev):
+    return cls(H, KVH, D, D ** -0.5, DT, dev)
+
+
+def block_size(cls) -> int:
+    return cls.required_block_size or 16
+
+
+def inputs(cls, batch, dev):
+    md, nb = build_metadata(batch, block_size(cls), dev)
+    cache = random_cache(cls.kv_cache_shape(nb, block_size(cls), KVH, D), DT, dev)
+    q, k, v = (t.contiguous() for t in random_qkv(md.num_tokens, H, KVH, D, DT, dev))
+    return md, cache, q, k, v
+
+
+def decode_us(cls, batch, ctx, dev) -> float:
+    backend = make(cls, dev)
+    md, cache, q, k, v = inputs(cls, [(ctx - 1, 1)] * batch, dev)
+    step = dataclasses.replace(md)
+    graph_md = backend.build_graph_metadata(md)
+    backend.plan_replay(graph_md, step)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream):
+        backend.forward(q, k, v, cache, graph_md)
+        with torch.cuda.graph(graph, stream=stream):
+            backend.forward(q, k, v, cache, graph_md)
+    torch.cuda.current_stream().wait_stream(stream)
+    return do_bench(graph.replay, warmup=10, rep=50) * 1e3
+
+
+def prefill_us(cls, chunk, prefix, seqs, dev) -> float:
+    backend = make(cls, dev)
+    md, cache, q, k, v = inputs(cls, [(prefix, chunk)] * seqs, dev)
+    return do_bench(lambda: backend.forward(q, k, v, cache, backend.build_metadata(md)),
+                    warmup=10, rep=50) * 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--backends", nargs="+", default=["triton", "flashinfer", "flash_attn"])
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    pm = get_plugin_manager()
+    ops.use(pm.fused_ops("auto", pm.platform()))       # the graph-safe KV write
+    result = {"device": torch.cuda.get_device_name(), "heads": [H, KVH, D], "dtype": "bf16",
+              "ceilings": ceilings(dev), "rows": []}
+    print(json.dumps(result["ceilings"]), flush=True)
+    for name in args.backends:
+        cls = pm.get("attention_backend", name)
+        if getattr(cls, "unavailable", None):
+            print(f"{name}: {cls.unavailable}", file=sys.stderr)
+            continue
+        t0 = time.time()
+        for batch, ctx in DECODE:
+            us = decode_us(cls, batch, ctx, dev)
+            gbs = batch * ctx * KVH * D * 2 * 2 / us / 1e3
+            row = dict(backend=name, kind="decode", batch=batch, context=ctx, us=round(us, 1),
+                       GBps=round(gbs), of_copy=round(gbs / result["ceilings"]["copy_GBps"], 3))
+            result["rows"].append(row)
+            print(json.dumps(row), flush=True)
+        for chunk, prefix, seqs in PREFILL:
+            us = prefill_us(cls, chunk, prefix, seqs, dev)
+            flops = seqs * 4 * H * D * (prefix * chunk + chunk * (chunk + 1) // 2)
+            tf = flops / us / 1e6
+            row = dict(backend=name, kind="prefill", chunk=chunk, prefix=prefix, seqs=seqs,
+                       us=round(us, 1), TFLOPs=round(tf),
+                       of_matmul=round(tf / result["ceilings"]["matmul_TFLOPs"], 3))
+            result["rows"].append(row)
+            print(json.dumps(row), flush=True)
+        print(f"{name}: {time.time() - t0:.0f} s (compiles included)", flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
