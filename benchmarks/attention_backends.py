@@ -66,11 +66,17 @@ def decode_us(cls, batch, ctx, dev) -> float:
     return do_bench(graph.replay, warmup=10, rep=50) * 1e3
 
 
-def prefill_us(cls, chunk, prefix, seqs, dev) -> float:
+def prefill_us(cls, chunk, prefix, seqs, dev) -> tuple[float, float]:
+    """(kernel time, host planning time of build_metadata), in microseconds."""
     backend = make(cls, dev)
     md, cache, q, k, v = inputs(cls, [(prefix, chunk)] * seqs, dev)
-    return do_bench(lambda: backend.forward(q, k, v, cache, backend.build_metadata(md)),
-                    warmup=10, rep=50) * 1e3
+    planned = backend.build_metadata(md)
+    t0 = time.perf_counter()
+    for _ in range(20):
+        backend.build_metadata(md)
+    torch.cuda.synchronize()
+    plan_us = (time.perf_counter() - t0) / 20 * 1e6
+    return do_bench(lambda: backend.forward(q, k, v, cache, planned), warmup=10, rep=50) * 1e3, plan_us
 
 
 def main() -> None:
@@ -98,11 +104,11 @@ def main() -> None:
             result["rows"].append(row)
             print(json.dumps(row), flush=True)
         for chunk, prefix, seqs in PREFILL:
-            us = prefill_us(cls, chunk, prefix, seqs, dev)
+            us, plan_us = prefill_us(cls, chunk, prefix, seqs, dev)
             flops = seqs * 4 * H * D * (prefix * chunk + chunk * (chunk + 1) // 2)
             tf = flops / us / 1e6
             row = dict(backend=name, kind="prefill", chunk=chunk, prefix=prefix, seqs=seqs,
-                       us=round(us, 1), TFLOPs=round(tf),
+                       us=round(us, 1), plan_us=round(plan_us, 1), TFLOPs=round(tf),
                        of_matmul=round(tf / result["ceilings"]["matmul_TFLOPs"], 3))
             result["rows"].append(row)
             print(json.dumps(row), flush=True)

@@ -91,7 +91,11 @@ for phase in "$@"; do
     attn-keep)
       # What the next lease restores instead of rebuilding: the extension and FlashInfer's JIT.
       cp "$site"/flash_attn_2_cuda*.so "$OUT/" 2>/dev/null
-      (cd "$FLASHINFER_WORKSPACE_BASE" && find . -name "*.so" | tar cf "$OUT/flashinfer-jit.tar" -T -)
+      (cd "$FLASHINFER_WORKSPACE_BASE" && python3 -c "
+import pathlib, tarfile
+with tarfile.open('$OUT/flashinfer-jit.tar.xz', 'w:xz') as t:
+    for p in pathlib.Path('.').rglob('*.so'):
+        t.add(p)")
       ls -la "$OUT"
       ;;
     serve)

@@ -26,7 +26,7 @@ def model(tmp_path_factory):
 def run(path, backend, **config):
     base = dict(dtype="bfloat16", max_model_len=1024, max_num_seqs=16, kv_cache_memory_gb=1.0)
     llm = LLM(str(path), attention_backend=backend, **(base | config))
-    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, logprobs=1)
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, logprobs=2)
     outs = llm.generate(PROMPTS, params, use_tqdm=False)
     second = llm.generate(PROMPTS, params, use_tqdm=False)        # prefix-cache hits
     engine = llm.engine
@@ -34,20 +34,22 @@ def run(path, backend, **config):
     return outs, second, engine
 
 
-def agreement(ref, fast) -> tuple[int, int]:
-    """(prompts whose greedy tokens are all equal, logprobs compared): logprobs of equal tokens
-    must agree to 0.05 until the first bf16 near-tie flips a token."""
-    equal = compared = 0
+def agreement(ref, fast) -> int:
+    """Positions compared. Greedy tokens must be equal until a bf16 near-tie flips one: where
+    they first differ, the reference must rank the fast path's token second and within 0.1 of
+    its first; before that, the logprobs of the equal tokens agree to 0.05."""
+    compared = 0
     for r, f in zip(ref, fast):
         rt, ft = r.outputs[0].token_ids, f.outputs[0].token_ids
-        equal += rt == ft
         for pos, (a, b) in enumerate(zip(rt, ft)):
+            ref_top = r.outputs[0].logprobs[pos]
             if a != b:
+                assert b in ref_top and ref_top[a].logprob - ref_top[b].logprob < 0.1, (
+                    f"position {pos}: token {b} is no near-tie of the reference's {a}: {ref_top}")
                 break
-            assert abs(r.outputs[0].logprobs[pos][a].logprob
-                       - f.outputs[0].logprobs[pos][b].logprob) < 0.05
+            assert abs(ref_top[a].logprob - f.outputs[0].logprobs[pos][b].logprob) < 0.05
             compared += 1
-    return equal, compared
+    return compared
 
 
 @pytest.mark.parametrize("backend", ["flashinfer", "flash_attn"])
@@ -62,7 +64,6 @@ def test_backend_matches_torch_ref(model, backend, chunked):
     fast, again, engine = run(model, backend, **extra)
     assert engine.executor.runner.graphs is not None, "decode graphs were not captured"
     assert engine.kv_cache.prefix_hits > 0
-    equal, compared = agreement(ref, fast)
-    assert equal >= 3 and compared >= 3 * 32
+    assert agreement(ref, fast) >= 2 * 32
     assert [o.outputs[0].token_ids for o in again] == [o.outputs[0].token_ids for o in fast]
     assert engine.kv_cache.num_free_blocks == engine.kv_cache.num_blocks

@@ -13,6 +13,8 @@ import json
 
 import pytest
 
+from loom import ops
+
 DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -122,8 +124,10 @@ def loom_kit(pytestconfig) -> Kit:
 
 @pytest.fixture(scope="session")
 def loom_platform(loom_kit):
-    """The platform every check runs on: --loom-platform, else auto."""
+    """The platform every check runs on: --loom-platform, else auto. Its default fused ops are
+    made active, as the engine does (backends may write the KV cache through them)."""
     loom_kit.platform.set_device(0)
+    ops.use(loom_kit.pm.fused_ops("auto", loom_kit.platform))
     return loom_kit.platform
 
 
