@@ -54,7 +54,7 @@ for phase in "$@"; do
       # FlashInfer and FlashAttention from the carried .gpu/ (benchmarks/attention_packages/).
       log attn-setup
       source benchmarks/attention_packages/install.sh
-      if ! python3 -c "import flash_attn_2_cuda" 2>/dev/null; then   # build in the background
+      if ! python3 -c "import torch, flash_attn_2_cuda" 2>/dev/null; then   # build in the background
         (python3 benchmarks/attention_packages/build_flash_attn.py /tmp/flash_attn-2.8.3.post2 \
           /tmp/fa-build && cp /tmp/fa-build/flash_attn_2_cuda*.so "$site/") > "$OUT/fa_build.log" 2>&1 &
         FA_BUILD=$!
