@@ -121,6 +121,10 @@ class Engine:
         self.generation_config = load_generation_config(r.model_path)
         if config.seed is not None:
             torch.manual_seed(config.seed)
+        if config.attention_backend == "auto":
+            logger.info("attention backend %s: the first available of %s's defaults (%s)",
+                        attn_cls.name, self.platform.name,
+                        ", ".join(self.platform.default_attention_backends))
         logger.info("loom: %s on %s, attention %s, fused ops %s, quantization %s, dtype %s",
                     r.model_path, self.platform.describe(), attn_cls.name, fused.name, quant.name,
                     r.dtype)
