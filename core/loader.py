@@ -77,13 +77,14 @@ def safetensors_files(path: str | Path) -> list[Path]:
     return files
 
 
-def iterate_weights(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every (name, tensor) of the checkpoint, on the CPU, file by file."""
+def iterate_weights(path: str | Path) -> Iterator[tuple[str, object]]:
+    """Every (name, lazy slice) of the checkpoint, file by file: the consumer reads what it
+    needs of each (see loom.checkpoint) before asking for the next."""
     for file in safetensors_files(path):
         try:
             with safe_open(str(file), framework="pt", device="cpu") as f:
                 for name in f.keys():
-                    yield name, f.get_tensor(name)
+                    yield name, f.get_slice(name)
         except SafetensorError as e:
             raise ValueError(f"{file}: not a valid safetensors file ({e})") from None
 
