@@ -9,6 +9,9 @@ AWQ, FP8).
 """
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -103,3 +106,20 @@ def test_tensor_parallel_size_must_split_the_heads(tiny_models):
                                           r"evenly \(4 attention heads, 2 KV heads, MLP size "
                                           r"128\); use one of 1, 2, 4"):
         LLM(str(tiny_models["llama"]), tensor_parallel_size=3, **CONFIG)
+
+
+def test_the_same_command_under_torchrun(tiny_models):
+    """`torchrun --nproc-per-node 2 loom generate`: each process one rank (RANK, WORLD_SIZE,
+    LOCAL_RANK, MASTER_ADDR/PORT from torchrun), rank 0 the engine, rank 1 the worker loop."""
+    path = tiny_models["llama"]
+    args = ["generate", str(path), "--tensor-parallel-size", "2", "--dtype", "float32",
+            "--max-model-len", "128", "--kv-cache-memory-gb", "0.01", "--prompt", PROMPTS[1],
+            "--max-tokens", "10", "--json", "--quiet"]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc-per-node", "2", "-m", "loom.cli", "--log-level", "WARNING",
+                           *args], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1                       # rank 1 prints nothing
+    tokens, _ = run(path, 1)
+    assert lines[0]["token_ids"] == tokens[1]
