@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import weakref
 
 import torch
 
@@ -32,10 +33,10 @@ class MultiprocExecutor(Executor):
     def __init__(self, spec: RunnerSpec):
         size = spec.config.tensor_parallel_size
         self.world, self.owns_world = acquire_world(spec.platform.dist_backend, size)
+        self.world.engine = weakref.ref(self)
         self.failure: str | None = None
         self.closed = False
         self.num_threads = torch.get_num_threads()     # restored at shutdown (CPU ranks share)
-        self.world.watch(self._on_rank_exit)
         try:
             self.world.send(messages.SESSION, pickle.dumps(spec))
             self.runner = start_session(self.world, spec)
@@ -54,7 +55,10 @@ class MultiprocExecutor(Executor):
             self.world.send(messages.STEP, messages.encode_step(sched))
             pending = self.runner.execute_async(sched)
         except Exception as e:
-            raise self._failed(e) from e
+            failure = self._step_failed(e)
+            if failure is e:
+                raise
+            raise failure from e
         return _CheckedOutput(pending, self)
 
     def shutdown(self) -> None:
@@ -62,29 +66,29 @@ class MultiprocExecutor(Executor):
             return
         self.closed = True
         torch.set_num_threads(self.num_threads)
+        self.world.engine = None
+        healthy = self.failure is None and self.world.dead is None
         if self.owns_world:
-            self.world.close(messages.EXIT if self.failure is None else None)
-        elif self.failure is None:
+            self.world.close(messages.EXIT if healthy else None)
+        elif healthy:
             self.world.send(messages.END)
 
     # ---- failures --------------------------------------------------------------------------
-    def _on_rank_exit(self, rank: int, code: int) -> None:
-        self.failure = self.failure or describe_exit(rank, code)
-        logger.error("loom: %s", self.failure)
-        self.world.abort_device_group()
-
     def _raise_if_failed(self) -> None:
+        if self.failure is None and self.world.dead is not None:
+            self.failure = describe_exit(*self.world.dead)
         if self.failure is not None:
             raise RankFailedError(f"{self.failure}; the engine cannot continue")
 
-    def _failed(self, error: Exception) -> RankFailedError:
-        """The error for a step whose collectives failed: which rank died, if one did."""
-        if self.failure is None:
-            exited = self.world.exited(wait=2.0)
-            self.failure = (describe_exit(*exited[0]) if exited else
-                            f"a tensor-parallel collective failed ({type(error).__name__}: "
-                            f"{str(error)[:200]})")
-        return RankFailedError(f"{self.failure}; the engine cannot continue")
+    def _step_failed(self, error: Exception) -> Exception:
+        """A step raised: the ranks are out of step from now on. The error to raise:
+        RankFailedError when a rank has died (its death failed the step), else ``error``."""
+        exited = self.world.exited(wait=2.0)
+        if exited:
+            self.failure = self.failure or describe_exit(*exited[0])
+            return RankFailedError(f"{self.failure}; the engine cannot continue")
+        self.failure = self.failure or f"a step failed ({type(error).__name__}: {error})"[:300]
+        return error
 
 
 class _CheckedOutput:
@@ -98,7 +102,10 @@ class _CheckedOutput:
         try:
             out = self.pending.result()
         except Exception as e:
-            raise self.executor._failed(e) from e
+            failure = self.executor._step_failed(e)
+            if failure is e:
+                raise
+            raise failure from e
         self.executor._raise_if_failed()
         return out
 
@@ -115,6 +122,9 @@ def acquire_world(backend: str, size: int) -> tuple[World, bool]:
         if world.size != size or world.rank != 0:
             raise ConfigError(f"config key 'tensor-parallel-size': {size}, but this process is "
                               f"rank {world.rank} of {world.size}")
+        if world.engine is not None and world.engine() is not None:
+            raise RuntimeError("a tensor-parallel engine already runs on this process's ranks; "
+                               "shut it down first (engine.shutdown())")
         return world, False
     if launched_by_torchrun():
         if int(os.environ["WORLD_SIZE"]) != size:

@@ -21,7 +21,6 @@ import os
 import socket
 import struct
 import threading
-from collections.abc import Callable
 from datetime import timedelta
 
 import torch
@@ -53,6 +52,11 @@ class World:
         self.cpu_group = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
         self.tp = TensorParallelGroup(rank, size, dist.group.WORLD)
         self.closing = False
+        self.engine = None           # a weak reference to the executor running on the ranks
+        self.dead: tuple[int, int] | None = None     # (rank, exit code) of a spawned rank
+        self._reaping = threading.Lock()
+        if self.processes:
+            threading.Thread(target=self._watch, name="loom-rank-watchdog", daemon=True).start()
         _current = self
 
     # ---- the control channel ---------------------------------------------------------------
@@ -96,24 +100,24 @@ class World:
     def exited(self, wait: float = 0.0) -> list[tuple[int, int]]:
         """(rank, exit code) of the spawned ranks that have exited, waiting up to ``wait``
         seconds for one to."""
-        alive = [p.sentinel for p in self.processes if p.exitcode is None]
-        if wait and alive:
-            multiprocessing.connection.wait(alive, timeout=wait)
-        return [(rank, p.exitcode) for rank, p in enumerate(self.processes, start=1)
-                if p.exitcode is not None]
+        with self._reaping:          # one thread reaps a child; another would see no exit code
+            alive = {p.sentinel: p for p in self.processes if p.exitcode is None}
+            if wait and alive:
+                for sentinel in multiprocessing.connection.wait(list(alive), timeout=wait):
+                    alive[sentinel].join(timeout=wait)      # closed its end: reap it
+            return [(rank, p.exitcode) for rank, p in enumerate(self.processes, start=1)
+                    if p.exitcode is not None]
 
-    def watch(self, on_exit: Callable[[int, int], None]) -> None:
-        """Call ``on_exit(rank, exit code)`` from a thread when a spawned rank exits."""
-        if not self.processes:
+    def _watch(self) -> None:
+        """Wait for a spawned rank to exit; unless closing, record it and end the model
+        collectives that would wait for it."""
+        multiprocessing.connection.wait([p.sentinel for p in self.processes])
+        exited = self.exited(wait=5.0)
+        if self.closing or not exited:
             return
-
-        def run():
-            multiprocessing.connection.wait([p.sentinel for p in self.processes])
-            if not self.closing:
-                for rank, code in self.exited(wait=1.0)[:1]:
-                    on_exit(rank, code)
-
-        threading.Thread(target=run, name="loom-tp-watchdog", daemon=True).start()
+        self.dead = exited[0]
+        logger.error("loom: tensor-parallel rank %d exited (code %d)", *self.dead)
+        self.abort_device_group()
 
     def abort_device_group(self) -> None:
         """Fail the model collectives waiting on a dead rank (NCCL waits for them otherwise;
