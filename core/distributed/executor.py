@@ -39,7 +39,7 @@ class MultiprocExecutor(Executor):
         self.num_threads = torch.get_num_threads()     # restored at shutdown (CPU ranks share)
         try:
             self.world.send(messages.SESSION, pickle.dumps(spec))
-            self.runner = start_session(self.world, spec)
+            self.runner = start_session(self.world, lambda: spec)
         except BaseException:
             self.shutdown()
             raise
@@ -122,6 +122,9 @@ def acquire_world(backend: str, size: int) -> tuple[World, bool]:
         if world.size != size or world.rank != 0:
             raise ConfigError(f"config key 'tensor-parallel-size': {size}, but this process is "
                               f"rank {world.rank} of {world.size}")
+        if world.backend != backend:
+            raise RuntimeError(f"the ranks of this process run {world.backend}, but the platform "
+                               f"needs {backend}")
         if world.engine is not None and world.engine() is not None:
             raise RuntimeError("a tensor-parallel engine already runs on this process's ranks; "
                                "shut it down first (engine.shutdown())")

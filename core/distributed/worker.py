@@ -12,6 +12,7 @@ import gc
 import logging
 import os
 import pickle
+from collections.abc import Callable
 
 import torch
 
@@ -25,11 +26,13 @@ class RankStartError(RuntimeError):
     """Another rank failed to build its part of the model."""
 
 
-def start_session(world: World, spec):
-    """This rank's ModelRunner, once every rank has built its own. On rank 0 a failure anywhere
-    raises (its own error, else the first other rank's); on the others it returns None."""
+def start_session(world: World, load_spec: Callable[[], object]):
+    """This rank's ModelRunner, built from the RunnerSpec ``load_spec()`` returns, once every
+    rank has built its own. On rank 0 a failure anywhere raises (its own error, else the first
+    other rank's); on the others it returns None."""
     runner, error, failure = None, None, None
     try:
+        spec = load_spec()
         spec.platform.set_device(world.local_rank)
         if spec.platform.device_type == "cpu":
             share_cpu_cores(world.size)
@@ -74,7 +77,7 @@ def serve(world: World) -> None:
             runner.execute_async(messages.decode_step(payload))
         elif kind == messages.SESSION:
             runner = _release(runner)
-            runner = start_session(world, pickle.loads(payload))
+            runner = start_session(world, lambda: pickle.loads(payload))
             if runner is not None:
                 prepare_cache(world, runner)
         elif kind == messages.END:

@@ -199,9 +199,16 @@ class Linear(nn.Module):
     def load(self, param_name: str, loaded, shard_id: int | None) -> None:
         """Copy this layer's part of a checkpoint tensor (a tensor or a lazy safetensors slice)
         into ``param_name`` (shard ``shard_id`` when fused)."""
-        parts = (self.quant_method.rank_index(self, param_name, shard_id)
-                 if self.is_partitioned else None)
-        self.quant_method.load(self, param_name, checkpoint.read(loaded, parts), shard_id)
+        if not self.is_partitioned:
+            self.quant_method.load(self, param_name, checkpoint.read(loaded), shard_id)
+            return
+        parts = self.quant_method.rank_index(self, param_name, shard_id)
+        try:
+            self.quant_method.load(self, param_name, checkpoint.read(loaded, parts), shard_id)
+        except ValueError as e:
+            raise ValueError(f"{self.prefix}, {self.partition.describe()}: {e} (a quant method "
+                             "marks the input axis of a parameter with input_dim for a "
+                             "row-parallel rank to take its slice)") from None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.quant_method.apply(self, x, self.bias)
