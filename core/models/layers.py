@@ -185,8 +185,9 @@ class Linear(nn.Module):
         return f"[{p.input_start}, {p.input_start + self.input_size}) of {p.input_size}"
 
     def _rows(self) -> str:
+        p = self.partition
         return ", ".join(f"[{s}, {s + n}) of {full}" for s, n, full in
-                         zip(self.partition.starts(), self.output_sizes, self.partition.output_sizes))
+                         zip(p.starts(), self.output_sizes, p.output_sizes))
 
     def _check_partition(self) -> None:
         """Every parameter's slice exists (packing and groups align with the rank's part)."""
