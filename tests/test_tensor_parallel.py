@@ -123,3 +123,28 @@ def test_the_same_command_under_torchrun(tiny_models):
     assert len(lines) == 1                       # rank 1 prints nothing
     tokens, _ = run(path, 1)
     assert lines[0]["token_ids"] == tokens[1]
+
+
+@pytest.fixture(scope="module")
+def long_context(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("long") / "llama", "llama",
+                            max_position_embeddings=8192)
+
+
+def test_a_step_larger_than_one_broadcast(long_context):
+    """A prompt of more token ids than one control broadcast holds: the rest follows in a
+    second one."""
+    prompt = [(i * 7919) % 400 + 4 for i in range(tp_world.HEADER // 4 + 100)]
+    params = SamplingParams(temperature=0, max_tokens=4, logprobs=1)
+    config = CONFIG | dict(max_model_len=len(prompt) + 8, max_num_batched_tokens=len(prompt),
+                           kv_cache_memory_gb=0.05)
+    outputs = []
+    for size in (1, 2):
+        llm = LLM(str(long_context), tensor_parallel_size=size, **config)
+        try:
+            outputs.append(llm.generate(prompt, params, use_tqdm=False)[0].outputs[0])
+        finally:
+            llm.engine.shutdown()
+    assert outputs[0].token_ids == outputs[1].token_ids
+    lp = [[step[t].logprob for step, t in zip(o.logprobs, o.token_ids)] for o in outputs]
+    assert max(abs(a - b) for a, b in zip(*lp)) < 1e-4
