@@ -27,10 +27,23 @@ def config_from_args(args: argparse.Namespace):
     return load_config(args.config, engine_overrides(args))
 
 
+def _torchrun_worker(config) -> bool:
+    """Under torchrun, ranks other than 0 serve rank 0's engine instead of running the command."""
+    from loom.distributed.world import torchrun_rank
+
+    if torchrun_rank() == 0:
+        return False
+    from loom.distributed.worker import run_from_env
+    run_from_env(config)
+    return True
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     if args.print_config:
         print(config.to_yaml(), end="")
+        return 0
+    if _torchrun_worker(config):
         return 0
     from loom.llm import LLM
     from loom.sampling_params import SamplingParams
@@ -40,7 +53,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
                             top_p=args.top_p, top_k=args.top_k, seed=args.seed_request,
                             ignore_eos=args.ignore_eos)
     prompts = args.prompt or DEMO_PROMPTS
-    outputs = llm.generate(prompts, params, use_tqdm=not args.quiet)
+    try:
+        outputs = llm.generate(prompts, params, use_tqdm=not args.quiet)
+    finally:
+        llm.engine.shutdown()
     for out in outputs:
         if args.json:
             print(json.dumps({"prompt": out.prompt, "text": out.outputs[0].text,
@@ -83,6 +99,8 @@ def _run_with_config(module, args: argparse.Namespace) -> int:
     config = config_from_args(args)
     if args.print_config:
         print(config.to_yaml(), end="")
+        return 0
+    if _torchrun_worker(config):
         return 0
     return module.main(config, args)
 

@@ -12,13 +12,11 @@ from pathlib import Path
 
 import torch
 
-from loom import ops
 from loom.config import ConfigError, EngineConfig
-from loom.executor import Executor, UniProcExecutor
+from loom.executor import Executor, RunnerSpec, make_executor
 from loom.kv_cache import KVCacheManager
 from loom.loader import load_generation_config, load_tokenizer
 from loom.model_config import ModelConfig
-from loom.model_runner import ModelRunner
 from loom.output_processor import OutputProcessor
 from loom.outputs import RequestOutput
 from loom.plugin_manager import PluginManager, get_plugin_manager
@@ -66,8 +64,23 @@ def resolve_model_path(model: str) -> Path:
 
 # Config keys whose other values later versions implement; refused rather than ignored.
 NOT_YET = {"kv_cache_dtype": ("auto", "only 'auto' (the model dtype) in this version"),
-           "tensor_parallel_size": (1, "only 1 in this version"),
            "speculative": (None, "speculative decoding is not available in this version")}
+
+
+def check_tensor_parallel_size(size: int, mc: ModelConfig) -> None:
+    """Every rank gets the same number of query heads, of MLP columns, and KV heads split
+    evenly or shared evenly (replicated when there are fewer than ranks)."""
+    def fits(n: int) -> bool:
+        kv = mc.num_key_value_heads
+        return (mc.num_attention_heads % n == 0 and mc.intermediate_size % n == 0
+                and (kv % n == 0 or n % kv == 0))
+
+    if not fits(size):
+        valid = [n for n in range(1, mc.num_attention_heads + 1) if fits(n)]
+        raise ConfigError(
+            f"config key 'tensor-parallel-size': {size} does not split this model evenly "
+            f"({mc.num_attention_heads} attention heads, {mc.num_key_value_heads} KV heads, "
+            f"MLP size {mc.intermediate_size}); use one of {', '.join(map(str, valid))}")
 
 
 def resolve(config: EngineConfig, platform, attn_cls) -> ResolvedConfig:
@@ -77,6 +90,7 @@ def resolve(config: EngineConfig, platform, attn_cls) -> ResolvedConfig:
                               f"{getattr(config, key)!r}")
     path = resolve_model_path(config.model)
     mc = ModelConfig.from_dir(path)
+    check_tensor_parallel_size(config.tensor_parallel_size, mc)
     dtype = (platform.preferred_dtype(mc.dtype) if config.dtype == "auto"
              else DTYPES[config.dtype])
     if dtype not in platform.supported_dtypes:
@@ -115,7 +129,6 @@ class Engine:
         quant.check_platform(self.platform, r.dtype)
         model_cls = pm.model_class(r.model_config.architecture)
         fused = pm.fused_ops(config.fused_ops, self.platform)
-        ops.use(fused)
         self.tokenizer = (None if config.skip_tokenizer_init
                           else load_tokenizer(config.tokenizer or r.model_path))
         self.generation_config = load_generation_config(r.model_path)
@@ -128,15 +141,14 @@ class Engine:
         logger.info("loom: %s on %s, attention %s, fused ops %s, quantization %s, dtype %s",
                     r.model_path, self.platform.describe(), attn_cls.name, fused.name, quant.name,
                     r.dtype)
-        runner = ModelRunner(config, r.model_config, self.platform, attn_cls, quant, model_cls,
-                             r.dtype, r.block_size, r.max_model_len, r.max_num_batched_tokens)
-        self.executor: Executor = UniProcExecutor(runner)
-        num_blocks = self.executor.determine_num_blocks()
-        if num_blocks * r.block_size < r.max_model_len:
-            raise ConfigError(
-                f"the KV cache holds {num_blocks * r.block_size} tokens ({num_blocks} blocks), "
-                f"fewer than max-model-len ({r.max_model_len}); lower max-model-len or give the "
-                "KV cache more memory (kv-cache-memory-gb / gpu-memory-utilization)")
+        spec = RunnerSpec(config, r.model_config, self.platform, attn_cls, quant, model_cls,
+                          fused, r.dtype, r.block_size, r.max_model_len, r.max_num_batched_tokens)
+        self.executor: Executor = make_executor(spec)
+        try:
+            num_blocks = self._size_kv_cache()
+        except BaseException:
+            self.executor.shutdown()
+            raise
         self.kv_cache = KVCacheManager(num_blocks, r.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv_cache, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=r.max_num_batched_tokens,
@@ -149,6 +161,16 @@ class Engine:
         self._in_flight = None               # (SchedulerOutput, pending result) of the last step
         self.step_records: list[StepRecord] | None = None   # a list: step() appends to it
         self._wait = 0.0
+
+    def _size_kv_cache(self) -> int:
+        r = self.resolved
+        num_blocks = self.executor.determine_num_blocks()
+        if num_blocks * r.block_size < r.max_model_len:
+            raise ConfigError(
+                f"the KV cache holds {num_blocks * r.block_size} tokens ({num_blocks} blocks), "
+                f"fewer than max-model-len ({r.max_model_len}); lower max-model-len or give the "
+                "KV cache more memory (kv-cache-memory-gb / gpu-memory-utilization)")
+        return num_blocks
 
     @property
     def max_model_len(self) -> int:

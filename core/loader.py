@@ -79,11 +79,18 @@ def safetensors_files(path: str | Path) -> list[Path]:
 
 def iterate_weights(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Every (name, tensor) of the checkpoint, on the CPU, file by file."""
+    for name, lazy in iterate_slices(path):
+        yield name, lazy[...]
+
+
+def iterate_slices(path: str | Path) -> Iterator[tuple[str, object]]:
+    """Every (name, lazy safetensors slice) of the checkpoint, file by file: the consumer reads
+    what it needs of each (see loom.checkpoint) before asking for the next."""
     for file in safetensors_files(path):
         try:
             with safe_open(str(file), framework="pt", device="cpu") as f:
                 for name in f.keys():
-                    yield name, f.get_tensor(name)
+                    yield name, f.get_slice(name)
         except SafetensorError as e:
             raise ValueError(f"{file}: not a valid safetensors file ({e})") from None
 
@@ -108,7 +115,7 @@ def load_model(model_config: "ModelConfig", model_cls: type[nn.Module],
         if path is None:
             raise ValueError(f"load_format {load_format!r} needs a ModelConfig read from a "
                              "model directory (ModelConfig.from_dir)")
-        loaded = model.load_weights(iterate_weights(path))
+        loaded = model.load_weights(iterate_slices(path))
         missing = sorted(set(dict(model.named_parameters())) - set(loaded))
         if missing:
             raise ValueError(f"checkpoint in {str(path)!r} lacks {len(missing)} parameters of "

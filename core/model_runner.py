@@ -3,6 +3,9 @@
 A step's tokens are laid out flat, decodes first, then prefill chunks. The runner keeps each
 request's tokens and block table between steps; the scheduler sends only what changed.
 Decode-only steps replay captured device graphs when the platform and backend allow it.
+Under tensor parallelism every rank has a runner over its shard of the model and its own KV cache
+(its heads) and runs the same steps; rank 0 samples and broadcasts the sampled tokens, which the
+other ranks keep on the device for the next step's inputs, as rank 0 does.
 """
 from __future__ import annotations
 
@@ -16,8 +19,9 @@ import torch
 from loom.attention import AttentionBackend, AttentionMetadata
 from loom.config import EngineConfig
 from loom.cuda_graphs import DecodeGraphs
+from loom.distributed.group import SINGLE, TensorParallelGroup, building
 from loom.model_config import ModelConfig
-from loom.models.layers import VocabEmbedding
+from loom.models.layers import VocabEmbedding, local_head_counts
 from loom.platform import Platform
 from loom.sampler import Sampler, SamplerOutput, SamplingRow, TokenSpan
 from loom.sampling_params import SamplingParams
@@ -99,23 +103,29 @@ class ModelRunner:
     def __init__(self, config: EngineConfig, model_config: ModelConfig, platform: Platform,
                  attn_backend_cls: type[AttentionBackend], quant_method, model_cls,
                  dtype: torch.dtype, block_size: int, max_model_len: int,
-                 max_num_batched_tokens: int, device_index: int = 0):
+                 max_num_batched_tokens: int, device_index: int = 0,
+                 tp: TensorParallelGroup = SINGLE):
         from loom.loader import load_model
 
         self.config = config
         self.model_config = model_config
         self.platform = platform
+        self.device_index = device_index
         self.device = platform.device(device_index)
         self.dtype = dtype
         self.block_size = block_size
         self.max_model_len = max_model_len
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.tp = tp
         mc = model_config
-        self.attn = attn_backend_cls(mc.num_attention_heads, mc.num_key_value_heads, mc.head_dim,
+        self.num_heads, self.num_kv_heads = local_head_counts(
+            mc.num_attention_heads, mc.num_key_value_heads, tp.size)
+        self.attn = attn_backend_cls(self.num_heads, self.num_kv_heads, mc.head_dim,
                                      mc.head_dim ** -0.5, dtype, self.device)
         start = time.perf_counter()
-        self.model = load_model(mc, model_cls, quant_method, self.attn, dtype, self.device,
-                                config.load_format, seed=config.seed)
+        with building(tp):
+            self.model = load_model(mc, model_cls, quant_method, self.attn, dtype, self.device,
+                                    config.load_format, seed=config.seed)
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.decode_weight_bytes = self.weight_bytes - _gathered_bytes(self.model)
         logger.info("weights: %.2f GB, loaded in %.1f s", self.weight_bytes / 1e9,
@@ -132,7 +142,7 @@ class ModelRunner:
     # ---- KV cache ------------------------------------------------------------------------
     def kv_block_bytes(self) -> int:
         mc = self.model_config
-        shape = self.attn.kv_cache_shape(1, self.block_size, mc.num_key_value_heads, mc.head_dim)
+        shape = self.attn.kv_cache_shape(1, self.block_size, self.num_kv_heads, mc.head_dim)
         per_layer = int(np.prod(shape)) * torch.empty((), dtype=self.dtype).element_size()
         return per_layer * mc.num_hidden_layers
 
@@ -159,16 +169,16 @@ class ModelRunner:
     def profile_kv_budget(self) -> int:
         """Bytes the KV cache may take: gpu-memory-utilization of the device, less what is in
         use now (weights, context, workspaces) and the activation peak of a maximal step."""
-        p = self.platform
+        p, index = self.platform, self.device_index
         p.synchronize()
         p.empty_cache()
-        p.reset_peak_memory_stats()
-        before = p.memory_allocated()
+        p.reset_peak_memory_stats(index)
+        before = p.memory_allocated(index)
         self._profile_run()
         p.synchronize()
-        activation_peak = p.peak_memory_allocated() - before
+        activation_peak = p.peak_memory_allocated(index) - before
         p.empty_cache()
-        free, total = p.memory_info()
+        free, total = p.memory_info(index)
         budget = int(total * self.config.gpu_memory_utilization) - (total - free) - activation_peak
         logger.info("memory: %.1f GB total, %.1f GB in use after loading, %.2f GB activation peak"
                     " -> %.1f GB for the KV cache (gpu-memory-utilization %.2f)", total / 1e9,
@@ -195,7 +205,7 @@ class ModelRunner:
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         mc = self.model_config
-        shape = self.attn.kv_cache_shape(num_blocks, self.block_size, mc.num_key_value_heads,
+        shape = self.attn.kv_cache_shape(num_blocks, self.block_size, self.num_kv_heads,
                                          mc.head_dim)
         self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
                           for _ in range(mc.num_hidden_layers)]
@@ -328,14 +338,24 @@ class ModelRunner:
         if not hb.all_sample_in_order:
             hidden = hidden[self._h2d(hb.logits_indices)]
         logits = self.model.compute_logits(hidden)
-        if all(self.requests[r].sampling_params.plain_greedy for r in hb.sampling_req_ids):
-            rows, sampled = [], SamplerOutput(logits.argmax(dim=-1))   # no per-row work
+        if self.tp.rank == 0:
+            rows, sampled = self._sample(logits, hb)
         else:
-            rows = self._sampling_rows(hb)
-            sampled = self.sampler.forward(logits, rows)
+            rows, sampled = [], SamplerOutput(torch.empty(len(hb.sampling_req_ids),
+                                                          dtype=torch.int64, device=self.device))
+        self.tp.broadcast(sampled.token_ids)
         self.prev_sampled = sampled.token_ids
         self.prev_rows = {rid: i for i, rid in enumerate(hb.sampling_req_ids)}
+        if self.tp.rank != 0:                  # only rank 0 reports tokens
+            return PendingOutput([], [], None, self.device)
         return PendingOutput(hb.sampling_req_ids, rows, sampled, self.device)
+
+    def _sample(self, logits: torch.Tensor, hb: HostBatch) -> tuple[list[SamplingRow],
+                                                                    SamplerOutput]:
+        if all(self.requests[r].sampling_params.plain_greedy for r in hb.sampling_req_ids):
+            return [], SamplerOutput(logits.argmax(dim=-1))   # no per-row work
+        rows = self._sampling_rows(hb)
+        return rows, self.sampler.forward(logits, rows)
 
 
 def _gathered_bytes(model: torch.nn.Module) -> int:

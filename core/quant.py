@@ -36,9 +36,33 @@ class QuantMethod:
     def create_weights(self, layer: nn.Module, input_size: int, output_sizes: list[int],
                        bias: bool, params_dtype: torch.dtype) -> None:
         """Register the layer's parameters. Each parameter may carry ``output_dim`` (the axis
-        along which fused shards are concatenated) and ``packed_factor`` (values per element
-        along that axis); ``load`` uses them."""
+        along which fused shards are concatenated) and ``packed_factor`` (output rows per element
+        along that axis); ``load`` uses them. For tensor parallelism, ``input_dim`` (the axis of
+        the checkpoint tensor along the weight's input columns) and ``input_packed_factor``
+        (input columns per element there: the packing, or the group size of grouped scales); a
+        parameter without ``input_dim`` is the same on every rank of a row-parallel layer."""
         raise NotImplementedError
+
+    def rank_index(self, layer: nn.Module, param_name: str,
+                   shard_id: int | None) -> dict[int, slice]:
+        """The part of checkpoint tensor ``param_name`` (shard ``shard_id``) that a partitioned
+        layer holds, as {axis: slice}; a ValueError when the packing or the groups do not align
+        with the layer's part. The default reads ``output_dim``/``packed_factor`` and
+        ``input_dim``/``input_packed_factor``."""
+        p, param = layer.partition, getattr(layer, param_name)
+        parts = {}
+        output_dim = getattr(param, "output_dim", None)
+        if output_dim is not None and p.output_sizes != tuple(layer.output_sizes):
+            shard = shard_id or 0
+            parts[output_dim] = _entries(
+                f"{param_name} output rows", p.starts()[shard], layer.output_sizes[shard],
+                p.output_sizes[shard], getattr(param, "packed_factor", 1))
+        input_dim = getattr(param, "input_dim", None)
+        if input_dim is not None and p.input_size != layer.input_size:
+            parts[input_dim] = _entries(
+                f"{param_name} input columns", p.input_start, layer.input_size, p.input_size,
+                getattr(param, "input_packed_factor", 1))
+        return parts
 
     def load(self, layer: nn.Module, param_name: str, loaded: torch.Tensor,
              shard_id: int | None) -> None:
@@ -95,3 +119,11 @@ class QuantMethod:
 
 
 _DENSE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _entries(what: str, start: int, size: int, full: int, factor: int) -> slice:
+    """Elements [start, start + size) of an axis holding ``factor`` of them per entry."""
+    if start % factor or (size % factor and start + size != full):
+        raise ValueError(f"{what} [{start}, {start + size}) do not align with its {factor} per "
+                         f"stored element")
+    return slice(start // factor, -(-(start + size) // factor))

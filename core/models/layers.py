@@ -1,18 +1,22 @@
 """Layers of the Llama family, numerically identical to Hugging Face transformers.
 
-``Linear`` holds its weights through a QuantMethod. Tensor parallelism will add column and row
-variants that override ``load`` (take this rank's slice of a checkpoint tensor) and ``forward``
-(gather or all-reduce the output); the model code stays the same.
+``Linear`` holds its weights through a QuantMethod. Under tensor parallelism (see
+loom.distributed) each rank holds a slice: column-parallel linears (q|k|v, gate|up) a slice of
+the output rows and no communication, row-parallel ones (o, down) a slice of the input columns
+and one all-reduce, the vocabulary-parallel embedding and LM head a slice of the vocabulary.
+Each loads only its part of a checkpoint tensor. With one rank they are the plain layers.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loom import ops
+from loom import checkpoint, ops
+from loom.distributed.group import TensorParallelGroup, current_group
 from loom.quant import QuantMethod
 
 
@@ -78,41 +82,198 @@ class SiluAndMul(nn.Module):
 
 
 class VocabEmbedding(nn.Module):
-    def __init__(self, num_embeddings: int, embedding_dim: int):
+    """Rows of the vocabulary split over the ranks, rank r holding ``rows`` of them from
+    ``r * rows`` (the last rank's padded with zeros). An id outside a rank's rows looks up zero
+    there; one all-reduce sums the ranks' lookups."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int,
+                 tp: TensorParallelGroup | None = None):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim))
+        self.tp = tp or current_group()
+        self.num_embeddings = num_embeddings
+        self.rows = -(-num_embeddings // self.tp.size)
+        self.start = self.tp.rank * self.rows
+        self.weight = nn.Parameter(torch.empty(self.rows, embedding_dim))
+
+    def load(self, loaded) -> None:
+        """This rank's rows of a checkpoint table [num_embeddings, embedding_dim]."""
+        full = checkpoint.shape(loaded)
+        if full != (self.num_embeddings, self.weight.shape[1]):
+            raise ValueError(f"checkpoint shape {full} does not match the model's "
+                             f"{(self.num_embeddings, self.weight.shape[1])}")
+        end = min(self.start + self.rows, self.num_embeddings)
+        self.weight.data[:end - self.start].copy_(
+            checkpoint.read(loaded, {0: slice(self.start, end)}))
+        self.weight.data[end - self.start:].zero_()
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(input_ids, self.weight)
+        if self.tp.size == 1:
+            return F.embedding(input_ids, self.weight)
+        local = input_ids - self.start
+        outside = (local < 0) | (local >= self.rows)
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        return self.tp.all_reduce(out.masked_fill(outside.unsqueeze(-1), 0))
 
 
 class LMHead(VocabEmbedding):
-    """The output projection hidden -> vocab logits."""
+    """The output projection hidden -> vocab logits; each rank computes its rows' logits, one
+    all-gather puts the whole vocabulary on every rank."""
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.weight)
+        logits = F.linear(hidden, self.weight)
+        if self.tp.size == 1:
+            return logits
+        return self.tp.all_gather(logits)[..., :self.num_embeddings]
+
+
+@dataclass(frozen=True)
+class Partition:
+    """The part of a linear's checkpoint weight [sum(output_sizes), input_size] that a layer
+    holds: of fused shard i the rows from ``output_starts[i]`` (as many as the layer's
+    ``output_sizes[i]``), and the input columns from ``input_start``."""
+    input_size: int                    # the checkpoint's
+    output_sizes: tuple[int, ...]      # the checkpoint's, per fused shard
+    input_start: int = 0
+    output_starts: tuple[int, ...] | None = None    # None: zeros
+    rank: int = 0
+    size: int = 1
+
+    def starts(self) -> tuple[int, ...]:
+        return self.output_starts or (0,) * len(self.output_sizes)
+
+    def describe(self) -> str:
+        return f"rank {self.rank} of tensor-parallel-size {self.size}"
 
 
 class Linear(nn.Module):
     """y = x W^T + b, with W the concatenation of ``output_sizes`` shards (q|k|v, gate|up).
 
     The QuantMethod creates the parameters (``bias`` among them, or None) and does the matmul.
+    ``partition`` says which part of the checkpoint's W the sizes are (default: all of it).
     """
 
     def __init__(self, input_size: int, output_sizes: list[int], bias: bool,
-                 quant_method: QuantMethod, params_dtype: torch.dtype | None = None):
+                 quant_method: QuantMethod, params_dtype: torch.dtype | None = None,
+                 partition: Partition | None = None, prefix: str = ""):
         super().__init__()
         self.input_size = input_size
         self.output_sizes = list(output_sizes)
         self.output_size = sum(self.output_sizes)
         self.quant_method = quant_method
+        self.partition = partition or Partition(input_size, tuple(output_sizes))
+        self.prefix = prefix
         self.register_parameter("bias", None)
-        quant_method.create_weights(self, input_size, self.output_sizes, bias,
-                                    params_dtype or torch.get_default_dtype())
+        try:
+            quant_method.create_weights(self, input_size, self.output_sizes, bias,
+                                        params_dtype or torch.get_default_dtype())
+            if self.is_partitioned:
+                self._check_partition()
+        except ValueError as e:
+            if not self.is_partitioned:
+                raise
+            raise ValueError(f"{prefix or 'a linear layer'}: cannot be sharded for "
+                             f"{self.partition.describe()} (input columns {self._columns()}, "
+                             f"output rows {self._rows()}): {e}") from None
 
-    def load(self, param_name: str, loaded: torch.Tensor, shard_id: int | None) -> None:
-        """Copy a checkpoint tensor into ``param_name`` (shard ``shard_id`` when fused)."""
-        self.quant_method.load(self, param_name, loaded, shard_id)
+    @property
+    def is_partitioned(self) -> bool:
+        p = self.partition
+        return (p.input_size, p.output_sizes) != (self.input_size, tuple(self.output_sizes))
+
+    def _columns(self) -> str:
+        p = self.partition
+        return f"[{p.input_start}, {p.input_start + self.input_size}) of {p.input_size}"
+
+    def _rows(self) -> str:
+        p = self.partition
+        return ", ".join(f"[{s}, {s + n}) of {full}" for s, n, full in
+                         zip(p.starts(), self.output_sizes, p.output_sizes))
+
+    def _check_partition(self) -> None:
+        """Every parameter's slice exists (packing and groups align with the rank's part)."""
+        names = [n for n, t in [*self._parameters.items(), *self._buffers.items()]
+                 if t is not None]
+        for name in names:
+            for shard_id in range(len(self.output_sizes)):
+                self.quant_method.rank_index(self, name, shard_id)
+
+    def load(self, param_name: str, loaded, shard_id: int | None) -> None:
+        """Copy this layer's part of a checkpoint tensor (a tensor or a lazy safetensors slice)
+        into ``param_name`` (shard ``shard_id`` when fused)."""
+        if not self.is_partitioned:
+            self.quant_method.load(self, param_name, checkpoint.read(loaded), shard_id)
+            return
+        parts = self.quant_method.rank_index(self, param_name, shard_id)
+        try:
+            self.quant_method.load(self, param_name, checkpoint.read(loaded, parts), shard_id)
+        except ValueError as e:
+            raise ValueError(f"{self.prefix}, {self.partition.describe()}: {e} (a quant method "
+                             "marks the input axis of a parameter with input_dim for a "
+                             "row-parallel rank to take its slice)") from None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.quant_method.apply(self, x, self.bias)
+
+
+class ColumnParallelLinear(Linear):
+    """Each fused shard's output rows split evenly: rank r computes its slice of y."""
+
+    def __init__(self, input_size: int, output_sizes: list[int], bias: bool,
+                 quant_method: QuantMethod, prefix: str = "",
+                 tp: TensorParallelGroup | None = None):
+        tp = tp or current_group()
+        for n in output_sizes:
+            if n % tp.size:
+                raise ValueError(f"{prefix}: {n} output rows do not split over "
+                                 f"tensor-parallel-size {tp.size}")
+        local = [n // tp.size for n in output_sizes]
+        partition = Partition(input_size, tuple(output_sizes), 0,
+                              tuple(tp.rank * n for n in local), tp.rank, tp.size)
+        super().__init__(input_size, local, bias, quant_method, partition=partition,
+                         prefix=prefix)
+
+
+def local_head_counts(num_heads: int, num_kv_heads: int, tp_size: int) -> tuple[int, int]:
+    """(query heads, KV heads) of one rank: KV heads split when there are at least as many as
+    ranks, else each rank keeps the one its query heads use (replicated)."""
+    return num_heads // tp_size, max(1, num_kv_heads // tp_size)
+
+
+class QKVParallelLinear(Linear):
+    """q|k|v split by heads: rank r holds query heads [r * h, (r + 1) * h) and the KV heads
+    they attend with (shared by several ranks when there are fewer KV heads than ranks)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                 bias: bool, quant_method: QuantMethod, prefix: str = "",
+                 tp: TensorParallelGroup | None = None):
+        tp = tp or current_group()
+        heads, kv_heads = local_head_counts(num_heads, num_kv_heads, tp.size)
+        first_kv = tp.rank * heads // (num_heads // num_kv_heads)
+        full = (num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim)
+        starts = (tp.rank * heads * head_dim, first_kv * head_dim, first_kv * head_dim)
+        partition = Partition(hidden_size, full, 0, starts, tp.rank, tp.size)
+        super().__init__(hidden_size, [heads * head_dim, kv_heads * head_dim,
+                                       kv_heads * head_dim],
+                         bias, quant_method, partition=partition, prefix=prefix)
+
+
+class RowParallelLinear(Linear):
+    """Input columns split evenly: rank r multiplies its slice of x by its columns of W; one
+    all-reduce sums the partial products. Rank 0 alone adds the bias."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool,
+                 quant_method: QuantMethod, prefix: str = "",
+                 tp: TensorParallelGroup | None = None):
+        tp = tp or current_group()
+        if input_size % tp.size:
+            raise ValueError(f"{prefix}: {input_size} input columns do not split over "
+                             f"tensor-parallel-size {tp.size}")
+        local = input_size // tp.size
+        partition = Partition(input_size, (output_size,), tp.rank * local, None, tp.rank, tp.size)
+        super().__init__(local, [output_size], bias, quant_method, partition=partition,
+                         prefix=prefix)
+        self.tp = tp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.quant_method.apply(self, x, self.bias if self.tp.rank == 0 else None)
+        return self.tp.all_reduce(y)

@@ -3,7 +3,9 @@
 Forward contract (every model class follows it): ``forward(input_ids [T], positions [T],
 kv_caches, attn_metadata) -> hidden [T, hidden_size]`` over the concatenated tokens of many
 sequences, ``compute_logits(hidden [n, hidden_size]) -> [n, vocab]`` and
-``load_weights(iterable of (hf_name, tensor)) -> set of loaded parameter names``.
+``load_weights(iterable of (hf_name, tensor)) -> set of loaded parameter names``, where a tensor
+may be a lazy safetensors slice (see loom.checkpoint). Built under a tensor-parallel group, the
+model holds this rank's heads and slices (see loom.models.layers); the contract is the same.
 """
 from __future__ import annotations
 
@@ -12,9 +14,12 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from loom import checkpoint
+from loom.distributed.group import current_group
 from loom.model_config import ModelConfig
-from loom.models.layers import (Linear, LMHead, RMSNorm, RotaryEmbedding, SiluAndMul,
-                                VocabEmbedding)
+from loom.models.layers import (ColumnParallelLinear, Linear, LMHead, QKVParallelLinear, RMSNorm,
+                                RotaryEmbedding, RowParallelLinear, SiluAndMul, VocabEmbedding,
+                                local_head_counts)
 from loom.quant import QuantMethod
 
 # (fused module, checkpoint module, shard id)
@@ -31,15 +36,18 @@ class LlamaAttention(nn.Module):
     def __init__(self, config: ModelConfig, quant_method: QuantMethod, attn_backend,
                  rotary_emb: RotaryEmbedding, prefix: str):
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
+        self.num_heads, self.num_kv_heads = local_head_counts(
+            config.num_attention_heads, config.num_key_value_heads, current_group().size)
         self.head_dim = config.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = Linear(config.hidden_size, [self.q_size, self.kv_size, self.kv_size],
-                               config.attention_bias, quant_method.for_layer(f"{prefix}.qkv_proj"))
-        self.o_proj = Linear(self.q_size, [config.hidden_size], config.o_proj_bias,
-                             quant_method.for_layer(f"{prefix}.o_proj"))
+        self.qkv_proj = QKVParallelLinear(
+            config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
+            self.head_dim, config.attention_bias, quant_method.for_layer(f"{prefix}.qkv_proj"),
+            f"{prefix}.qkv_proj")
+        self.o_proj = RowParallelLinear(
+            config.num_attention_heads * self.head_dim, config.hidden_size, config.o_proj_bias,
+            quant_method.for_layer(f"{prefix}.o_proj"), f"{prefix}.o_proj")
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -63,10 +71,12 @@ class LlamaMLP(nn.Module):
     def __init__(self, config: ModelConfig, quant_method: QuantMethod, prefix: str):
         super().__init__()
         size = config.intermediate_size
-        self.gate_up_proj = Linear(config.hidden_size, [size, size], config.mlp_bias,
-                                   quant_method.for_layer(f"{prefix}.gate_up_proj"))
-        self.down_proj = Linear(size, [config.hidden_size], config.mlp_bias,
-                                quant_method.for_layer(f"{prefix}.down_proj"))
+        self.gate_up_proj = ColumnParallelLinear(
+            config.hidden_size, [size, size], config.mlp_bias,
+            quant_method.for_layer(f"{prefix}.gate_up_proj"), f"{prefix}.gate_up_proj")
+        self.down_proj = RowParallelLinear(size, config.hidden_size, config.mlp_bias,
+                                           quant_method.for_layer(f"{prefix}.down_proj"),
+                                           f"{prefix}.down_proj")
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -131,8 +141,9 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Load HF-named tensors; returns the names of the parameters fully loaded.
+    def load_weights(self, weights: Iterable[tuple[str, object]]) -> set[str]:
+        """Load HF-named tensors (or lazy slices: each layer reads its part); returns the names
+        of the parameters fully loaded.
 
         A checkpoint tensor that belongs to no parameter is a ValueError naming it.
         """
@@ -158,8 +169,14 @@ class LlamaForCausalLM(nn.Module):
                     if len(shards[target]) < len(module.output_sizes):
                         continue
                 loaded.add(target)
+            elif isinstance(module, VocabEmbedding) and param_name == "weight":
+                try:
+                    module.load(tensor)
+                except ValueError as e:
+                    raise ValueError(f"{name}: {e}") from None
+                loaded.add(target)
             elif isinstance(getattr(module, param_name, None), nn.Parameter):
-                _copy(getattr(module, param_name), tensor, name)
+                _copy(getattr(module, param_name), checkpoint.read(tensor), name)
                 loaded.add(target)
             else:
                 unexpected.append(name)

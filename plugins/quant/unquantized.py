@@ -23,7 +23,7 @@ class Unquantized(QuantMethod):
     def create_weights(self, layer, input_size, output_sizes, bias, params_dtype):
         weight = nn.Parameter(torch.empty(sum(output_sizes), input_size, dtype=params_dtype),
                               requires_grad=False)
-        weight.output_dim = 0
+        weight.output_dim, weight.input_dim = 0, 1
         layer.register_parameter("weight", weight)
         if bias:
             b = nn.Parameter(torch.zeros(sum(output_sizes), dtype=params_dtype), requires_grad=False)

@@ -94,25 +94,31 @@ class CheckpointMethod(QuantMethod):
 class Scheme(QuantMethod):
     """A QuantMethod for one layer. Parameters carry ``output_dim`` with ``shard_sizes`` (rows of
     each fused shard along it: output size / ``packed_factor``, rounded up with ``ceil`` for
-    block scales, where a 64-row shard has one 128-row block); ``per_shard`` ones hold one row
-    per shard (per-tensor scales, g_idx), which ``load`` fills from 0-d, [1] or [1, 1] tensors."""
+    block scales, where a 64-row shard has one 128-row block), and ``input_dim`` with
+    ``input_packed_factor`` where a row-parallel rank takes a slice of them; ``per_shard`` ones
+    hold one row per shard (per-tensor scales, g_idx), which ``load`` fills from 0-d, [1] or
+    [1, 1] tensors."""
 
     def new_param(self, layer: nn.Module, name: str, shape, dtype: torch.dtype,
                   output_dim: int | None = None, packed_factor: int = 1,
-                  ceil: bool = False) -> nn.Parameter:
+                  ceil: bool = False, input_dim: int | None = None,
+                  input_packed_factor: int = 1) -> nn.Parameter:
         param = nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
         if output_dim is not None:
             param.output_dim = output_dim
             param.packed_factor = packed_factor
             param.shard_sizes = [-(-s // packed_factor) if ceil else s // packed_factor
                                  for s in layer.output_sizes]
+        if input_dim is not None:
+            param.input_dim, param.input_packed_factor = input_dim, input_packed_factor
         layer.register_parameter(name, param)
         return param
 
     def per_shard_param(self, layer: nn.Module, name: str, shape, dtype: torch.dtype,
-                        parameter: bool = True) -> torch.Tensor:
+                        parameter: bool = True, input_dim: int | None = None) -> torch.Tensor:
         """One row per shard; ``parameter=False`` makes it an optional buffer (a tensor some
-        checkpoints have), filled with -1 until loaded."""
+        checkpoints have), filled with -1 until loaded. ``input_dim``: the axis of the row
+        (of the checkpoint tensor) along the input columns (g_idx)."""
         shape = (len(layer.output_sizes), *shape)
         if parameter:
             tensor = nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
@@ -121,6 +127,8 @@ class Scheme(QuantMethod):
             tensor = torch.full(shape, -1, dtype=dtype)
             layer.register_buffer(name, tensor, persistent=False)
         tensor.per_shard = True
+        if input_dim is not None:
+            tensor.input_dim = input_dim
         return tensor
 
     def add_bias(self, layer: nn.Module, bias: bool, params_dtype: torch.dtype) -> None:
@@ -165,7 +173,8 @@ class Dense(Scheme):
     name = "dense"
 
     def create_weights(self, layer, input_size, output_sizes, bias, params_dtype):
-        self.new_param(layer, "weight", (sum(output_sizes), input_size), params_dtype, output_dim=0)
+        self.new_param(layer, "weight", (sum(output_sizes), input_size), params_dtype, output_dim=0,
+                       input_dim=1)
         self.add_bias(layer, bias, params_dtype)
 
     def apply(self, layer, x, bias):

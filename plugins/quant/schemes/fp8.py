@@ -78,9 +78,9 @@ class Fp8Scheme(Scheme):
         n, k = sum(output_sizes), input_size
         self.add_bias(layer, bias, params_dtype)
         if self.weight == "online":
-            self.new_param(layer, "weight", (n, k), params_dtype, output_dim=0)
+            self.new_param(layer, "weight", (n, k), params_dtype, output_dim=0, input_dim=1)
             return
-        self.new_param(layer, "weight", (n, k), torch.float8_e4m3fn, output_dim=0)
+        self.new_param(layer, "weight", (n, k), torch.float8_e4m3fn, output_dim=0, input_dim=1)
         if self.weight == "tensor":
             self.per_shard_param(layer, self.scale_name, (), torch.float32)
         elif self.weight == "channel":
@@ -89,7 +89,8 @@ class Fp8Scheme(Scheme):
             bn, bk = self.block
             rows = sum(-(-s // bn) for s in output_sizes)
             self.new_param(layer, self.scale_name, (rows, -(-k // bk)), torch.float32,
-                           output_dim=0, packed_factor=bn, ceil=True)
+                           output_dim=0, packed_factor=bn, ceil=True, input_dim=1,
+                           input_packed_factor=bk)
         if self.act == "static":
             self.per_shard_param(layer, "input_scale", (), torch.float32)
 

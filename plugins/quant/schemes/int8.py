@@ -62,7 +62,7 @@ class Int8W8A8(Scheme):
     def create_weights(self, layer, input_size, output_sizes, bias, params_dtype):
         n = sum(output_sizes)
         self.add_bias(layer, bias, params_dtype)
-        self.new_param(layer, "weight", (n, input_size), torch.int8, output_dim=0)
+        self.new_param(layer, "weight", (n, input_size), torch.int8, output_dim=0, input_dim=1)
         if self.weight == "channel":
             self.new_param(layer, "weight_scale", (n, 1), torch.float32, output_dim=0)
         else:

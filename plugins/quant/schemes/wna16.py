@@ -8,6 +8,10 @@ and ``w_zeros`` [G, N] in the activation dtype, w = (q - zero) * scale, and ``w_
 group of each input row (None when it is k // group_size). CUDA multiplies with the Triton GEMM,
 which dequantizes in registers; elsewhere the weight is dequantized, then multiplied (the
 reference twin).
+
+Tensor parallelism: a column-parallel rank takes whole packed words and its columns of the
+scales and zeros. A row-parallel rank takes its input rows and the groups they fall in; with
+act order (a g_idx) its rows may use any group, so it keeps every group and its slice of g_idx.
 """
 from __future__ import annotations
 
@@ -86,7 +90,10 @@ def _triton_gemm():
 class WNA16Scheme(Scheme):
     """Shared by the layouts: the canonical tensors, the matmul. Subclasses create the
     checkpoint's parameters (``create_quantized``) and read them back (``canonical``: codes
-    [K, N], scales and zeros [G, N], g_idx per shard or None)."""
+    [K, N], scales and zeros [G, N], g_idx per shard or None). ``act_order``: the checkpoint's
+    g_idx may put input rows in any group."""
+
+    act_order = False
 
     def __init__(self, bits: int, group_size: int):
         if bits not in (4, 8):
@@ -106,6 +113,21 @@ class WNA16Scheme(Scheme):
     def groups(self, input_size: int) -> int:
         return 1 if self.group_size in (-1, input_size) else input_size // self.group_size
 
+    def group_layout(self, layer) -> tuple[int, int | None]:
+        """(groups the layer holds, input columns per group when a row-parallel rank holds
+        its slice of the checkpoint's groups; None: it holds them all)."""
+        full = layer.partition.input_size
+        if layer.input_size == full:
+            return self.groups(full), None
+        if self.groups(full) == 1 or self.act_order:
+            return self.groups(full), None
+        return self.groups(layer.input_size), self.group_size
+
+    def group_offset(self, layer) -> int:
+        """The first checkpoint group a row-parallel rank holds (0 when it holds them all)."""
+        _, per_group = self.group_layout(layer)
+        return layer.partition.input_start // per_group if per_group else 0
+
     def check_shape(self, input_size: int, output_sizes: list[int]) -> None:
         gs = self.group_size
         if input_size % self.pack or (gs > 0 and input_size % gs):
@@ -119,7 +141,7 @@ class WNA16Scheme(Scheme):
         codes, scales, zeros, g_idx = self.canonical(layer)
         k, dtype = codes.shape[0], self.params_dtype
         if g_idx is not None:
-            g_idx = self.shared_g_idx(g_idx, k, scales.shape[0])
+            g_idx = self.shared_g_idx(g_idx - self.group_offset(layer), k, scales.shape[0])
         self.replace(layer, w_q=pack_cols(codes, self.bits),
                      w_scales=scales.to(dtype).contiguous(),
                      w_zeros=zeros.to(dtype).contiguous(), w_g_idx=g_idx)
@@ -134,6 +156,8 @@ class WNA16Scheme(Scheme):
         g_idx = g_idx[0].to(torch.int32)
         if g_idx.min() < 0 or g_idx.max() >= groups:
             raise ValueError(f"{self.name}: g_idx out of range [0, {groups})")
+        if groups != self.groups(k):     # a row-parallel rank holding every group
+            return g_idx.contiguous()
         default = default_g_idx(k, groups, g_idx.device)
         return None if torch.equal(g_idx, default) else g_idx.contiguous()
 
@@ -166,14 +190,17 @@ class GPTQLayout(WNA16Scheme):
     def __init__(self, bits: int, group_size: int, v1: bool, desc_act: bool = False):
         super().__init__(bits, group_size)
         self.v1, self.desc_act = v1, desc_act
+        self.act_order = desc_act
 
     def create_quantized(self, layer, k, n, dtype):
-        g = self.groups(k)
-        self.new_param(layer, "qweight", (k // self.pack, n), torch.int32, output_dim=1)
+        g, per_group = self.group_layout(layer)
+        by_group = {"input_dim": 0 if per_group else None, "input_packed_factor": per_group or 1}
+        self.new_param(layer, "qweight", (k // self.pack, n), torch.int32, output_dim=1,
+                       input_dim=0, input_packed_factor=self.pack)
         self.new_param(layer, "qzeros", (g, n // self.pack), torch.int32, output_dim=1,
-                       packed_factor=self.pack)
-        self.new_param(layer, "scales", (g, n), dtype, output_dim=1)
-        self.per_shard_param(layer, "g_idx", (k,), torch.int32, parameter=False)
+                       packed_factor=self.pack, **by_group)
+        self.new_param(layer, "scales", (g, n), dtype, output_dim=1, **by_group)
+        self.per_shard_param(layer, "g_idx", (k,), torch.int32, parameter=False, input_dim=0)
 
     def canonical(self, layer):
         qzeros = layer.qzeros.data
@@ -215,12 +242,13 @@ class AWQLayout(WNA16Scheme):
         super().__init__(bits, group_size)
 
     def create_quantized(self, layer, k, n, dtype):
-        g = self.groups(k)
+        g, per_group = self.group_layout(layer)
+        by_group = {"input_dim": 0 if per_group else None, "input_packed_factor": per_group or 1}
         self.new_param(layer, "qweight", (k, n // self.pack), torch.int32, output_dim=1,
-                       packed_factor=self.pack)
+                       packed_factor=self.pack, input_dim=0)
         self.new_param(layer, "qzeros", (g, n // self.pack), torch.int32, output_dim=1,
-                       packed_factor=self.pack)
-        self.new_param(layer, "scales", (g, n), dtype, output_dim=1)
+                       packed_factor=self.pack, **by_group)
+        self.new_param(layer, "scales", (g, n), dtype, output_dim=1, **by_group)
 
     def awq_unpack(self, packed: torch.Tensor) -> torch.Tensor:
         codes = unpack_cols(packed, self.bits)
@@ -254,21 +282,24 @@ class PackQuantizedLayout(WNA16Scheme):
     def __init__(self, bits: int, group_size: int, symmetric: bool, has_g_idx: bool):
         super().__init__(bits, group_size)
         self.symmetric, self.has_g_idx = symmetric, has_g_idx
+        self.act_order = has_g_idx
 
     def create_quantized(self, layer, k, n, dtype):
-        g = self.groups(k)
-        self.new_param(layer, "weight_packed", (n, k // self.pack), torch.int32, output_dim=0)
-        self.new_param(layer, "weight_scale", (n, g), dtype, output_dim=0)
+        g, per_group = self.group_layout(layer)
+        by_group = {"input_dim": 1 if per_group else None, "input_packed_factor": per_group or 1}
+        self.new_param(layer, "weight_packed", (n, k // self.pack), torch.int32, output_dim=0,
+                       input_dim=1, input_packed_factor=self.pack)
+        self.new_param(layer, "weight_scale", (n, g), dtype, output_dim=0, **by_group)
         self.per_shard_param(layer, "weight_shape", (2,), torch.int64)
         if not self.symmetric:
             self.new_param(layer, "weight_zero_point", (n // self.pack, g), torch.int32,
-                           output_dim=0, packed_factor=self.pack)
+                           output_dim=0, packed_factor=self.pack, **by_group)
         if self.has_g_idx:
-            self.per_shard_param(layer, "weight_g_idx", (k,), torch.int32)
+            self.per_shard_param(layer, "weight_g_idx", (k,), torch.int32, input_dim=0)
 
     def canonical(self, layer):
-        k = layer.input_size
-        expected = torch.tensor([[n, k] for n in layer.output_sizes])
+        p = layer.partition      # weight_shape is the checkpoint's, not a rank's part
+        expected = torch.tensor([[n, p.input_size] for n in p.output_sizes])
         if not torch.equal(layer.weight_shape.data.cpu(), expected):
             raise ValueError(f"compressed-tensors: weight_shape {layer.weight_shape.tolist()} "
                              f"does not match the layer's {expected.tolist()}")
