@@ -25,6 +25,9 @@ from loom.plugin_manager import PluginManager, get_plugin_manager
 from loom.request import Request, RequestStatus
 from loom.sampling_params import SamplingParams
 from loom.scheduler import Scheduler
+from loom.spec_decode import build_proposer
+from loom.spec_decode.config import SpeculativeConfig, parse_speculative
+from loom.spec_decode.stats import SpecDecodeStats
 
 logger = logging.getLogger("loom")
 
@@ -66,8 +69,7 @@ def resolve_model_path(model: str) -> Path:
 
 # Config keys whose other values later versions implement; refused rather than ignored.
 NOT_YET = {"kv_cache_dtype": ("auto", "only 'auto' (the model dtype) in this version"),
-           "tensor_parallel_size": (1, "only 1 in this version"),
-           "speculative": (None, "speculative decoding is not available in this version")}
+           "tensor_parallel_size": (1, "only 1 in this version")}
 
 
 def resolve(config: EngineConfig, platform, attn_cls) -> ResolvedConfig:
@@ -126,6 +128,11 @@ class Engine:
                     r.dtype)
         runner = ModelRunner(config, r.model_config, self.platform, attn_cls, quant, model_cls,
                              r.dtype, r.block_size, r.max_model_len, r.max_num_batched_tokens)
+        self.speculative: SpeculativeConfig | None = None
+        self.proposer = None
+        self.async_scheduling = config.async_scheduling
+        if config.speculative is not None:
+            self._set_up_speculation(runner, pm, attn_cls)
         self.executor: Executor = UniProcExecutor(runner)
         num_blocks = self.executor.determine_num_blocks()
         if num_blocks * r.block_size < r.max_model_len:
@@ -134,12 +141,16 @@ class Engine:
                 f"fewer than max-model-len ({r.max_model_len}); lower max-model-len or give the "
                 "KV cache more memory (kv-cache-memory-gb / gpu-memory-utilization)")
         self.kv_cache = KVCacheManager(num_blocks, r.block_size, config.enable_prefix_caching)
+        spec = self.speculative
         self.scheduler = Scheduler(self.kv_cache, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=r.max_num_batched_tokens,
                                    max_model_len=r.max_model_len,
                                    enable_chunked_prefill=config.enable_chunked_prefill,
-                                   async_scheduling=config.async_scheduling)
-        self.outputs = OutputProcessor(self.tokenizer)
+                                   async_scheduling=self.async_scheduling,
+                                   num_spec_tokens=spec.num_speculative_tokens if spec else 0,
+                                   num_lookahead_tokens=(self.proposer.num_lookahead_tokens
+                                                         if spec else 0))
+        self.outputs = OutputProcessor(self.tokenizer, speculative=spec is not None)
         self.eos_token_ids = frozenset(r.model_config.eos_token_ids)
         self._ids = itertools.count()
         self._in_flight = None               # (SchedulerOutput, pending result) of the last step
@@ -149,6 +160,22 @@ class Engine:
     @property
     def max_model_len(self) -> int:
         return self.resolved.max_model_len
+
+    @property
+    def spec_decode_stats(self) -> SpecDecodeStats | None:
+        """Running totals of speculative decoding (None when it is off)."""
+        return self.scheduler.spec_stats
+
+    def _set_up_speculation(self, runner: ModelRunner, pm: PluginManager, attn_cls) -> None:
+        spec = self.speculative = parse_speculative(self.config.speculative)
+        self.proposer = build_proposer(spec, self, pm, attn_cls)
+        runner.proposer = self.proposer
+        runner.spec_query_len = spec.num_speculative_tokens + 1
+        if self.async_scheduling:
+            logger.info("speculative decoding (%s, k=%d): async scheduling is off, each step "
+                        "proposes from the tokens the previous one accepted", spec.method,
+                        spec.num_speculative_tokens)
+            self.async_scheduling = False
 
     # ---- requests ------------------------------------------------------------------------
     def tokenize(self, prompt: str) -> list[int]:
@@ -225,7 +252,7 @@ class Engine:
         previous, self._in_flight = self._in_flight, launched
         if previous is not None:
             outputs += self._complete(previous)
-        if launched is not None and not self.config.async_scheduling:
+        if launched is not None and not self.async_scheduling:
             outputs += self._complete(launched)
             self._in_flight = None
         if self.step_records is not None:

@@ -325,8 +325,7 @@ def test_n_siblings_share_the_prompt_blocks(tiny_models, hf_reference):
     assert [c.token_ids for c in outs["0"].outputs] == [ref] * 4
 
 
-@pytest.mark.parametrize("key, value", [("kv_cache_dtype", "fp8"), ("tensor_parallel_size", 2),
-                                        ("speculative", {"method": "ngram"})])
+@pytest.mark.parametrize("key, value", [("kv_cache_dtype", "fp8"), ("tensor_parallel_size", 2)])
 def test_settings_not_yet_available_are_refused(tiny_models, key, value):
     from loom.config import ConfigError
     with pytest.raises(ConfigError, match=f"config key '{key.replace('_', '-')}'"):
