@@ -6,7 +6,9 @@ sequences have seq_len 0 and slot -1: they read and write nothing), and replays 
 
 A set of graphs serves one query length: 1 for plain decodes, k + 1 for speculative
 verification (every sequence brings its last token and k drafts, a short chunk over its cached
-prefix, which the attention backend runs like any prefill chunk).
+prefix, which the attention backend runs like any prefill chunk). Padding sequences of a
+verification graph have seq_len k + 1 (no cached prefix: no negative key positions) and write
+nothing; their outputs are never read.
 """
 from __future__ import annotations
 
@@ -42,7 +44,8 @@ class DecodeGraphs:
         self.input_ids = torch.zeros(n * q, dtype=torch.int64, device=dev)
         self.positions = torch.zeros(n * q, dtype=torch.int64, device=dev)
         self.slot_mapping = torch.full((n * q,), -1, dtype=torch.int64, device=dev)
-        self.seq_lens = torch.zeros(n, dtype=torch.int32, device=dev)
+        # Captured with every sequence a padding one (see the module docstring).
+        self.seq_lens = torch.full((n,), 0 if q == 1 else q, dtype=torch.int32, device=dev)
         self.block_tables = torch.zeros((n, max_blocks), dtype=torch.int32, device=dev)
         self.query_start = torch.arange(n + 1, dtype=torch.int32, device=dev) * q
         # Pinned host staging: one asynchronous copy per buffer per step.
@@ -111,7 +114,7 @@ class DecodeGraphs:
         h["slot_mapping"][:tokens] = torch.from_numpy(hb.slot_mapping)
         h["slot_mapping"][tokens:padded] = -1
         h["seq_lens"][:n] = torch.from_numpy(hb.seq_lens)
-        h["seq_lens"][n:size] = 0
+        h["seq_lens"][n:size] = 0 if self.query_len == 1 else self.query_len
         width = hb.block_table.shape[1]
         h["block_tables"][:n, :width] = torch.from_numpy(hb.block_table)
         rows = {"input_ids": padded, "positions": padded, "slot_mapping": padded,
