@@ -149,7 +149,8 @@ class Engine:
                                    async_scheduling=self.async_scheduling,
                                    num_spec_tokens=spec.num_speculative_tokens if spec else 0,
                                    num_lookahead_tokens=(self.proposer.num_lookahead_tokens
-                                                         if spec else 0))
+                                                         if spec else 0),
+                                   pad_drafts=runner.spec_graphs is not None)
         self.outputs = OutputProcessor(self.tokenizer, speculative=spec is not None)
         self.eos_token_ids = frozenset(r.model_config.eos_token_ids)
         self._ids = itertools.count()

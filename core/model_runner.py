@@ -295,8 +295,9 @@ class ModelRunner:
             real_end = min(ends[i], known[i])
             input_ids[query_start[i]:query_start[i] + real_end - starts[i]] = \
                 s.token_ids[starts[i]:real_end]
-            if drafts[i]:                     # the drafts follow its last token
-                input_ids[query_start[i + 1] - drafts[i]:query_start[i + 1]] = s.spec_token_ids
+            if drafts[i]:                     # the drafts follow its last token (a padding
+                input_ids[query_start[i + 1] - drafts[i]:query_start[i + 1]] = np.maximum(
+                    s.spec_token_ids, 0)          # slot, PAD_DRAFT, reads token 0)
             elif ends[i] > known[i]:          # its last token was sampled by the last step
                 ph_index.append(query_start[i + 1] - 1)
                 ph_source.append(self.prev_rows[s.req_id])
@@ -452,7 +453,8 @@ class ModelRunner:
         for i, q in stored:
             num = int(hb.num_drafts[i])
             if q is not None and num:
-                out[start:start + num] = q[:num]
+                real = min(num, len(q))                  # padding drafts have none
+                out[start:start + real] = q[:real]
             start += num + 1
         return out
 

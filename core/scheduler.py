@@ -13,7 +13,10 @@ next step already computes that position (the runner feeds the token on the devi
 Speculative decoding (synchronous steps only): a request's drafts are scheduled as extra
 tokens after its last one, with KV slots reserved for them and for the proposer's lookahead.
 update() appends the accepted drafts and the token after them (stopping where plain decoding
-would), rolls num_computed_tokens back over the rejected ones and frees their blocks.
+would), rolls num_computed_tokens back over the rejected ones and frees their blocks. With
+``pad_drafts`` (the runner has verification graphs), a step where any request verifies drafts
+gives every decoding request k of them, padded with PAD_DRAFT (never accepted), so the batch
+is uniform and replays a graph.
 """
 from __future__ import annotations
 
@@ -25,6 +28,8 @@ from loom.request import Request, RequestStatus
 from loom.scheduler_output import (CachedRequestData, ModelRunnerOutput, NewRequestData,
                                    SchedulerOutput, TokenLogprobs)
 from loom.spec_decode.stats import SpecDecodeStats
+
+PAD_DRAFT = -1     # a draft slot with no proposal: verified like none, never accepted
 
 
 @dataclass
@@ -50,7 +55,8 @@ class Scheduler:
     def __init__(self, kv_cache: KVCacheManager, *, max_num_seqs: int,
                  max_num_batched_tokens: int, max_model_len: int,
                  enable_chunked_prefill: bool = True, async_scheduling: bool = False,
-                 num_spec_tokens: int = 0, num_lookahead_tokens: int = 0):
+                 num_spec_tokens: int = 0, num_lookahead_tokens: int = 0,
+                 pad_drafts: bool = False):
         if num_spec_tokens and async_scheduling:
             raise ValueError("speculative decoding needs synchronous steps (async_scheduling "
                              "off)")
@@ -68,6 +74,7 @@ class Scheduler:
         self._sent_tokens: dict[str, int] = {}   # tokens of each request the runner knows
         self.num_spec_tokens = num_spec_tokens             # k; 0: no speculative decoding
         self.num_lookahead_tokens = num_lookahead_tokens   # KV slots the proposer writes
+        self.pad_drafts = pad_drafts
         self.spec_stats = SpecDecodeStats() if num_spec_tokens else None
 
     # ---- requests in and out -------------------------------------------------------------
@@ -115,12 +122,15 @@ class Scheduler:
         self._finished_ids = set()
         budget = self.max_num_batched_tokens
         preempted = False
+        pad = self.pad_drafts and any(r.spec_token_ids for r in self.running)
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             if self._reached_limit(req):        # finishes when its pending token arrives
                 i += 1
                 continue
+            if pad:
+                self._pad_drafts(req)
             num_new = min(self._num_tokens(req) + len(req.spec_token_ids)
                           - req.num_computed_tokens, budget)
             lookahead = self._lookahead(req, req.num_computed_tokens + num_new)
@@ -186,6 +196,13 @@ class Scheduler:
         if self.async_scheduling and req.num_computed_tokens == self._num_tokens(req):
             req.num_output_placeholders += 1    # it samples: the token stays on the device
 
+    def _pad_drafts(self, req: Request) -> None:
+        """Up to k drafts for a decoding request, as far as max-model-len leaves room."""
+        if req.num_computed_tokens == req.num_tokens - 1:
+            room = min(self.num_spec_tokens, self.max_model_len - req.num_tokens - 1)
+            req.spec_token_ids = req.spec_token_ids + [PAD_DRAFT] * (room -
+                                                                      len(req.spec_token_ids))
+
     def _lookahead(self, req: Request, end: int) -> int:
         """KV slots past ``end`` to reserve: the proposer's, for a request that samples."""
         if not self.num_lookahead_tokens or end < req.num_tokens:
@@ -238,7 +255,7 @@ class Scheduler:
             tokens = result.sampled_token_ids[idx]
             drafts = sched.scheduled_spec_tokens.get(rid)
             if drafts:
-                self._roll_back(req, len(drafts), len(tokens) - 1)
+                self._roll_back(req, drafts, len(tokens) - 1)
             logprobs = result.logprobs[idx] if result.logprobs else None
             new_tokens = []
             status = None
@@ -260,12 +277,14 @@ class Scheduler:
                                      else [])
         return updates
 
-    def _roll_back(self, req: Request, num_drafts: int, num_accepted: int) -> None:
+    def _roll_back(self, req: Request, drafts: list[int], num_accepted: int) -> None:
         """The KV of rejected drafts is void: the request recomputes from its first one."""
-        req.num_computed_tokens -= num_drafts - num_accepted
-        req.num_draft_tokens += num_drafts
-        req.num_accepted_tokens += num_accepted
-        self.spec_stats.observe(num_drafts, num_accepted)
+        req.num_computed_tokens -= len(drafts) - num_accepted
+        proposed = sum(1 for d in drafts if d != PAD_DRAFT)
+        if proposed:
+            req.num_draft_tokens += proposed
+            req.num_accepted_tokens += num_accepted
+            self.spec_stats.observe(proposed, num_accepted)
 
     def _take_proposals(self, req: Request, proposals: list[int]) -> None:
         """Drafts for the next step, as many as could still be emitted after one more token;

@@ -135,6 +135,29 @@ def test_greedy_processing_matches_plain(tiny_models, draft_model):
                 assert all(abs(g[t].logprob - r[t].logprob) < 1e-4 for t in g)
 
 
+def test_padded_drafts_change_nothing(tiny_models):
+    """With verification graphs every decoding request gets k drafts, padded: outputs and
+    the counts of proposed and accepted drafts stay those of unpadded steps."""
+    path = tiny_models["mistral"]
+    spec = {"method": "ngram", "num-speculative-tokens": 4, "prompt-lookup-min": 1}
+    params = [greedy(max_tokens=24), greedy(n=2, max_tokens=20),
+              SamplingParams(temperature=0.9, seed=3, max_tokens=20, repetition_penalty=1.2)]
+    results = []
+    for pad in (False, True):
+        llm = make_llm(path, speculative=spec)
+        llm.engine.scheduler.pad_drafts = pad
+        steps = []
+        schedule = llm.engine.scheduler.schedule
+        llm.engine.scheduler.schedule = lambda: steps.append(schedule()) or steps[-1]
+        outs = llm.generate(PROMPTS[:3], params, use_tqdm=False)
+        stats = llm.spec_decode_stats
+        results.append((summary(outs), stats.num_draft_tokens, stats.num_accepted_tokens))
+        padded = [d for s in steps for d in s.scheduled_spec_tokens.values() if -1 in d]
+        assert bool(padded) == pad
+        assert llm.engine.kv_cache.num_free_blocks == llm.engine.kv_cache.num_blocks
+    assert results[0] == results[1] and results[0][2] > 0
+
+
 def test_sampling_with_seeds_is_reproducible_and_exact_for_a_perfect_draft(tiny_models):
     """Seeded sampled requests give the same tokens run after run, alone or batched; a draft
     equal to the target (q == p) is accepted every time, so its probabilities reach the

@@ -159,6 +159,23 @@ def test_stop_inside_an_accepted_run_truncates_and_frees():
     assert sched.kv.num_free_blocks == sched.kv.num_blocks
 
 
+def test_padding_drafts_for_uniform_batches():
+    sched = make_scheduler(max_len=12)
+    sched.pad_drafts = True
+    a = start(sched, prompt_len=6)
+    a.spec_token_ids = [100]                    # a short proposal
+    out = sched.schedule()
+    assert out.scheduled_spec_tokens == {"r": [100, -1, -1, -1]}    # up to k = 4
+    # Two accepted would be impossible: a padding draft is never accepted.
+    sched.update(out, ModelRunnerOutput(["r"], [[100, 9]], [None], [[]]))
+    assert a.num_computed_tokens == 8 and a.output_token_ids == [50, 100, 9]
+    stats = sched.spec_stats
+    assert (stats.num_draft_tokens, stats.num_accepted_tokens) == (1, 1)   # real drafts only
+    a.spec_token_ids = [7]
+    out = sched.schedule()                      # 9 tokens of max-model-len 12: 2 drafts fit
+    assert out.scheduled_spec_tokens == {"r": [7, -1]}
+
+
 def test_spec_needs_synchronous_steps():
     with pytest.raises(ValueError, match="async_scheduling"):
         Scheduler(KVCacheManager(8, 4), max_num_seqs=1, max_num_batched_tokens=8,

@@ -112,8 +112,7 @@ def _draws(like: torch.Tensor, randomness) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _per_request(target, accept, chosen, logprobs, rows, drafts, starts) -> Verified:
-    target_host = target.tolist()
-    accept_host = accept.tolist()
+    target_host, accept_host = torch.stack((target, accept.to(target.dtype))).tolist()  # 1 sync
     per_position = None
     if logprobs is not None:     # of the token each position ends with: its draft if accepted
         _, per_position = SamplerOutput(chosen, logprobs).to_lists(rows)
