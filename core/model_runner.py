@@ -399,7 +399,6 @@ class ModelRunner:
         self.prev_rows = {rid: i for i, rid in enumerate(hb.sampling_req_ids)}
         return PendingOutput(hb.sampling_req_ids, rows, sampled, self.device)
 
-
     # ---- speculative steps ---------------------------------------------------------------
     def _verify_and_propose(self, hb: HostBatch, logits: torch.Tensor) -> ModelRunnerOutput:
         rows, seeds, drafts = self._position_rows(hb)
@@ -411,8 +410,7 @@ class ModelRunner:
             requests.append(ProposalRequest(
                 rid, s.token_ids, new_tokens, s.num_prompt_tokens, max(room, 0),
                 s.sampling_params, s.seed, s.generator, s.block_ids))
-        proposals = (self.proposer.propose(requests) if self.proposing
-                     else None)
+        proposals = self.proposer.propose(requests) if self.proposing else None
         spec = [[] for _ in requests] if proposals is None else proposals.token_ids
         for i, rid in enumerate(hb.sampling_req_ids):
             probs = None if proposals is None or proposals.probs is None else proposals.probs[i]

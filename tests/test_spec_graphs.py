@@ -7,7 +7,6 @@ from __future__ import annotations
 from contextlib import contextmanager, nullcontext
 
 import pytest
-import torch
 
 from triton_interpreter import DEVICE  # noqa: F401  (sets TRITON_INTERPRET before the kernels)
 
