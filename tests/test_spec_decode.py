@@ -237,3 +237,27 @@ def test_speculative_on_the_command_line_takes_yaml_or_json(tmp_path):
         args = build_parser().parse_args(["generate", "m", "--speculative", text])
         assert config_from_args(args).speculative == {"method": "ngram",
                                                       "num-speculative-tokens": 3}
+
+
+def test_server_metrics_count_drafts(tiny_models):
+    pytest.importorskip("fastapi")
+    pytest.importorskip("openai")
+    from live_server import MODEL_NAME, LiveServer
+
+    path = tiny_models["llama"]
+    server = LiveServer(path, max_model_len=80, max_num_seqs=4,
+                        speculative=spec_config("draft_self", path, None, k=3))
+    try:
+        reply = server.client().completions.create(model=MODEL_NAME, prompt=PROMPTS[0],
+                                                   max_tokens=12, temperature=0)
+        expected = make_llm(path).generate(PROMPTS[0], greedy(max_tokens=12), use_tqdm=False)
+        assert reply.choices[0].text == expected[0].outputs[0].text
+        with server.http() as http:
+            text = http.get("/metrics").text
+    finally:
+        server.stop()
+    values = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line.startswith("loom:spec_decode") and "_total{" in line}
+    assert values["loom:spec_decode_num_draft_tokens_total"] > 0
+    assert (values["loom:spec_decode_num_accepted_tokens_total"]
+            == values["loom:spec_decode_num_draft_tokens_total"])
