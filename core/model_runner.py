@@ -401,7 +401,12 @@ class ModelRunner:
 
     # ---- speculative steps ---------------------------------------------------------------
     def _verify_and_propose(self, hb: HostBatch, logits: torch.Tensor) -> ModelRunnerOutput:
-        rows, seeds, drafts = self._position_rows(hb)
+        states = [self.requests[rid] for rid in hb.sampling_req_ids]
+        if all(s.sampling_params.plain_greedy for s in states):
+            rows = seeds = None                                  # argmax alone decides
+            drafts = [s.spec_token_ids for s in states]
+        else:
+            rows, seeds, drafts = self._position_rows(hb)
         verified = verify(logits, rows, seeds, drafts, self._draft_probs(hb, logits))
         requests = []
         for rid, new_tokens in zip(hb.sampling_req_ids, verified.token_ids):

@@ -36,20 +36,23 @@ class Verified:
     num_accepted: list[int]
 
 
-def verify(logits: torch.Tensor, rows: list[SamplingRow], seeds: list[int | None],
+def verify(logits: torch.Tensor, rows: list[SamplingRow] | None, seeds: list[int | None] | None,
            drafts: list[list[int]], draft_probs: torch.Tensor | None = None) -> Verified:
     """``logits`` [P, V]: the positions of every request in turn (len(drafts[r]) + 1 each);
-    ``rows`` and ``seeds``: per position; ``draft_probs`` [P, V]: at draft positions, the
-    distribution each draft was drawn from (None: every proposal was deterministic)."""
+    ``rows`` and ``seeds``: per position (None: every request is plain greedy);
+    ``draft_probs`` [P, V]: at draft positions, the distribution each draft was drawn from
+    (None: every proposal was deterministic)."""
     counts = np.array([len(d) + 1 for d in drafts])
     starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
-    assert logits.size(0) == counts.sum() == len(rows) == len(seeds)
-    draft_at = np.full(len(rows), -1, dtype=np.int64)   # the draft each position checks
+    num_positions = int(counts.sum())
+    assert logits.size(0) == num_positions
+    assert rows is None or len(rows) == len(seeds) == num_positions
+    draft_at = np.full(num_positions, -1, dtype=np.int64)   # the draft each position checks
     for start, tokens in zip(starts, drafts):
         draft_at[start:start + len(tokens)] = tokens
     draft_tok = to_device(draft_at.tolist(), torch.long, logits.device)
     logprobs = chosen = None
-    if all(row.is_plain_greedy for row in rows):
+    if rows is None or all(row.is_plain_greedy for row in rows):
         target = logits.argmax(dim=-1)
         accept = draft_tok == target
     else:
