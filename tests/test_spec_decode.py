@@ -116,6 +116,29 @@ def test_greedy_equals_plain_under_stress(tiny_models, tiny_model_name, draft_mo
         assert stats.mean_accepted_length > 2
 
 
+def test_stops_inside_accepted_runs(tiny_models):
+    """The oracle at acceptance 1.0 and k = 4 emits tokens 1-5, 6-10, ... in one verification
+    each: a stop token at index 7 and a stop string ending inside token 3 cut runs short."""
+    path = tiny_models["llama"]
+    plain = make_llm(path)
+    tok = plain.get_tokenizer()
+    prompt = PROMPTS[1]
+    tokens = plain.generate(prompt, greedy(), use_tqdm=False)[0].outputs[0].token_ids
+    stop_token = tokens[7]
+    assert stop_token not in tokens[:7]
+    before, upto = tok.decode(tokens[:3]), tok.decode(tokens[:4])
+    piece = upto[len(before):][:2]
+    assert piece.strip() and piece not in before
+    params = [greedy(stop_token_ids=[stop_token]), greedy(stop=[piece]),
+              greedy(stop=[piece], include_stop_str_in_output=True)]
+    expected = summary(plain.generate([prompt] * 3, params, use_tqdm=False))
+    llm = make_llm(path, speculative={"method": "oracle", "num-speculative-tokens": 4})
+    record_greedy(llm.engine, [tok.encode(prompt)], MAX_TOKENS)
+    assert summary(llm.generate([prompt] * 3, params, use_tqdm=False)) == expected
+    assert expected[0][0][0] == tokens[:8] and expected[1][0][2] == "stop"
+    assert llm.spec_decode_stats.acceptance_rate == 1.0
+
+
 def test_greedy_processing_matches_plain(tiny_models, draft_model):
     """Penalties, min_tokens and logprobs at every verified position are those of plain
     decoding: drafts before a position count as outputs."""
