@@ -122,7 +122,8 @@ class Scheduler:
         self._finished_ids = set()
         budget = self.max_num_batched_tokens
         preempted = False
-        pad = self.pad_drafts and any(r.spec_token_ids for r in self.running)
+        pad = self.pad_drafts and any(r.spec_token_ids and r.spec_token_ids[0] != PAD_DRAFT
+                                      for r in self.running)    # real drafts come first
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
