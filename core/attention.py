@@ -41,6 +41,7 @@ class AttentionBackend:
     supported_dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
     required_block_size: int | None = None    # the core uses this block size when set
     supports_graphs: bool = False             # forward may be captured in a device graph
+    supports_verify_graphs: bool = False      # ... also for (k+1)-token speculative verify steps
     unavailable: str | None = None            # set: registered only to say what is missing
 
     @classmethod

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -86,7 +85,10 @@ class EngineConfig:
     tensor_parallel_size: int = field(default=1, metadata=_opt(
         "number of ranks the model is sharded across", min=1))
     speculative: dict | None = field(default=None, metadata=_opt(
-        "speculative decoding settings (a mapping)"))
+        "speculative decoding: a mapping (YAML or JSON on the command line), e.g. "
+        "{method: ngram, num-speculative-tokens: 4}; keys: method (ngram, draft, oracle), "
+        "num-speculative-tokens, prompt-lookup-min/max (ngram), model, quantization, dtype, "
+        "load-format (draft), acceptance-rate, seed (oracle)"))
 
     # ---- derived helpers ------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -209,6 +211,9 @@ def _check_relations(config: EngineConfig) -> None:
             f"config key 'max-num-batched-tokens': must be >= max-model-len "
             f"({config.max_model_len}) when enable-chunked-prefill is false, got "
             f"{config.max_num_batched_tokens}")
+    if config.speculative is not None:
+        from loom.spec_decode.config import parse_speculative
+        parse_speculative(config.speculative)
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -269,13 +274,15 @@ def _cli_scalar(base, name):
 
 
 def _json_mapping(name):
+    """A mapping given as JSON or YAML (a flow mapping such as '{method: ngram}')."""
     def convert(text: str):
         try:
-            value = json.loads(text)
-        except json.JSONDecodeError:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
             value = None
         if not isinstance(value, dict):
-            raise argparse.ArgumentTypeError(f"--{_flag(name)}: expected a JSON object, got {text!r}")
+            raise argparse.ArgumentTypeError(
+                f"--{_flag(name)}: expected a JSON or YAML mapping, got {text!r}")
         return value
     return convert
 

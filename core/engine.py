@@ -23,6 +23,9 @@ from loom.plugin_manager import PluginManager, get_plugin_manager
 from loom.request import Request, RequestStatus
 from loom.sampling_params import SamplingParams
 from loom.scheduler import Scheduler
+from loom.spec_decode import build_proposer
+from loom.spec_decode.config import SpeculativeConfig, parse_speculative
+from loom.spec_decode.stats import SpecDecodeStats
 
 logger = logging.getLogger("loom")
 
@@ -63,8 +66,7 @@ def resolve_model_path(model: str) -> Path:
 
 
 # Config keys whose other values later versions implement; refused rather than ignored.
-NOT_YET = {"kv_cache_dtype": ("auto", "only 'auto' (the model dtype) in this version"),
-           "speculative": (None, "speculative decoding is not available in this version")}
+NOT_YET = {"kv_cache_dtype": ("auto", "only 'auto' (the model dtype) in this version")}
 
 
 def check_tensor_parallel_size(size: int, mc: ModelConfig) -> None:
@@ -91,6 +93,9 @@ def resolve(config: EngineConfig, platform, attn_cls) -> ResolvedConfig:
     path = resolve_model_path(config.model)
     mc = ModelConfig.from_dir(path)
     check_tensor_parallel_size(config.tensor_parallel_size, mc)
+    if config.speculative is not None and config.tensor_parallel_size > 1:
+        raise ConfigError("config key 'speculative': not available with tensor-parallel-size > 1 "
+                          f"in this version (got {config.tensor_parallel_size}); use one of them")
     dtype = (platform.preferred_dtype(mc.dtype) if config.dtype == "auto"
              else DTYPES[config.dtype])
     if dtype not in platform.supported_dtypes:
@@ -141,21 +146,33 @@ class Engine:
         logger.info("loom: %s on %s, attention %s, fused ops %s, quantization %s, dtype %s",
                     r.model_path, self.platform.describe(), attn_cls.name, fused.name, quant.name,
                     r.dtype)
-        spec = RunnerSpec(config, r.model_config, self.platform, attn_cls, quant, model_cls,
-                          fused, r.dtype, r.block_size, r.max_model_len, r.max_num_batched_tokens)
-        self.executor: Executor = make_executor(spec)
+        runner_spec = RunnerSpec(config, r.model_config, self.platform, attn_cls, quant,
+                                 model_cls, fused, r.dtype, r.block_size, r.max_model_len,
+                                 r.max_num_batched_tokens)
+        self.executor: Executor = make_executor(runner_spec)
+        self.speculative: SpeculativeConfig | None = None
+        self.proposer = None
+        self.async_scheduling = config.async_scheduling
         try:
+            if config.speculative is not None:
+                self._set_up_speculation(self.executor.runner, pm, attn_cls)
             num_blocks = self._size_kv_cache()
         except BaseException:
             self.executor.shutdown()
             raise
         self.kv_cache = KVCacheManager(num_blocks, r.block_size, config.enable_prefix_caching)
+        spec = self.speculative
         self.scheduler = Scheduler(self.kv_cache, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=r.max_num_batched_tokens,
                                    max_model_len=r.max_model_len,
                                    enable_chunked_prefill=config.enable_chunked_prefill,
-                                   async_scheduling=config.async_scheduling)
-        self.outputs = OutputProcessor(self.tokenizer)
+                                   async_scheduling=self.async_scheduling,
+                                   num_spec_tokens=spec.num_speculative_tokens if spec else 0,
+                                   num_lookahead_tokens=(self.proposer.num_lookahead_tokens
+                                                         if spec else 0),
+                                   pad_drafts=bool(spec) and self.executor.runner.spec_graphs
+                                   is not None)
+        self.outputs = OutputProcessor(self.tokenizer, speculative=spec is not None)
         self.eos_token_ids = frozenset(r.model_config.eos_token_ids)
         self._ids = itertools.count()
         self._in_flight = None               # (SchedulerOutput, pending result) of the last step
@@ -175,6 +192,22 @@ class Engine:
     @property
     def max_model_len(self) -> int:
         return self.resolved.max_model_len
+
+    @property
+    def spec_decode_stats(self) -> SpecDecodeStats | None:
+        """Running totals of speculative decoding (None when it is off)."""
+        return self.scheduler.spec_stats
+
+    def _set_up_speculation(self, runner: ModelRunner, pm: PluginManager, attn_cls) -> None:
+        spec = self.speculative = parse_speculative(self.config.speculative)
+        self.proposer = build_proposer(spec, self, pm, attn_cls)
+        runner.proposer = self.proposer
+        runner.spec_query_len = spec.num_speculative_tokens + 1
+        if self.async_scheduling:
+            logger.info("speculative decoding (%s, k=%d): async scheduling is off, each step "
+                        "proposes from the tokens the previous one accepted", spec.method,
+                        spec.num_speculative_tokens)
+            self.async_scheduling = False
 
     # ---- requests ------------------------------------------------------------------------
     def tokenize(self, prompt: str) -> list[int]:
@@ -251,7 +284,7 @@ class Engine:
         previous, self._in_flight = self._in_flight, launched
         if previous is not None:
             outputs += self._complete(previous)
-        if launched is not None and not self.config.async_scheduling:
+        if launched is not None and not self.async_scheduling:
             outputs += self._complete(launched)
             self._in_flight = None
         if self.step_records is not None:

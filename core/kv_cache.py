@@ -169,6 +169,16 @@ class KVCacheManager:
             self.pool.cache(blocks[i], request.block_hashes[i])
         self.num_cached_blocks[rid] = num_full
 
+    def free_tail(self, request: Request, num_tokens: int) -> None:
+        """Free the request's blocks past its first ``num_tokens`` tokens (the lookahead and
+        rejected-draft slots of speculative decoding); they hold nothing cached."""
+        blocks = self.req_blocks.get(request.request_id)
+        keep = self.blocks_needed(num_tokens)
+        if blocks and len(blocks) > keep:
+            tail = blocks[keep:]
+            del blocks[keep:]
+            self.pool.release(reversed(tail))
+
     def free(self, request: Request) -> None:
         blocks = self.req_blocks.pop(request.request_id, None)
         self.num_cached_blocks.pop(request.request_id, None)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 from tqdm.auto import tqdm
 
@@ -9,8 +10,10 @@ from loom.config import build_config
 from loom.engine import Engine
 from loom.outputs import RequestOutput
 from loom.sampling_params import SamplingParams
+from loom.spec_decode.stats import SpecDecodeStats
 
 Conversation = list[dict]
+logger = logging.getLogger("loom")
 
 
 class LLM:
@@ -20,6 +23,12 @@ class LLM:
 
     def get_tokenizer(self):
         return self.engine.tokenizer
+
+    @property
+    def spec_decode_stats(self) -> SpecDecodeStats | None:
+        """Speculative decoding totals since the LLM was built (None when it is off)."""
+        stats = self.engine.spec_decode_stats
+        return stats.copy() if stats is not None else None
 
     def get_default_sampling_params(self) -> SamplingParams:
         """SamplingParams with the checkpoint's generation_config.json defaults."""
@@ -74,6 +83,7 @@ class LLM:
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         done: dict[str, RequestOutput] = {}
         wanted = set(ids)
+        before = self.spec_decode_stats
         bar = tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm)
         try:
             while len(done) < len(ids):
@@ -86,4 +96,6 @@ class LLM:
             raise
         finally:
             bar.close()
+        if before is not None:
+            logger.info("%s", self.engine.spec_decode_stats.since(before).summary())
         return [done[i] for i in ids]

@@ -6,12 +6,16 @@ Decode-only steps replay captured device graphs when the platform and backend al
 Under tensor parallelism every rank has a runner over its shard of the model and its own KV cache
 (its heads) and runs the same steps; rank 0 samples and broadcasts the sampled tokens, which the
 other ranks keep on the device for the next step's inputs, as rank 0 does.
+
+With speculative decoding (a proposer set; one rank only), a request that samples brings its
+drafts as extra tokens of the step; its last token and each draft get logits, the rejection
+sampler keeps the accepted drafts and one more token, and the proposer guesses the next drafts.
 """
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -26,6 +30,8 @@ from loom.platform import Platform
 from loom.sampler import Sampler, SamplerOutput, SamplingRow, TokenSpan
 from loom.sampling_params import SamplingParams
 from loom.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from loom.spec_decode.proposer import ProposalRequest, Proposer
+from loom.spec_decode.rejection import verify
 
 logger = logging.getLogger("loom")
 GiB = 1 << 30
@@ -41,6 +47,7 @@ class RequestState:
     seed: int | None
     generator: torch.Generator | None = None
     num_computed_tokens: int = 0         # tokens in the KV cache when this step starts
+    spec_token_ids: list[int] = field(default_factory=list)   # drafts verified this step
 
 
 @dataclass
@@ -59,6 +66,7 @@ class HostBatch:
     # Input positions whose token is still on the device, sampled by the previous step:
     placeholder_index: np.ndarray  # [P] index into input_ids
     placeholder_source: np.ndarray  # [P] row of the previous step's sampled tokens
+    num_drafts: np.ndarray | None = None   # per sampling request: drafts it verifies
 
     @property
     def num_seqs(self) -> int:
@@ -70,7 +78,7 @@ class HostBatch:
 
     @property
     def all_sample_in_order(self) -> bool:
-        return len(self.sampling_req_ids) == len(self.input_ids)
+        return len(self.logits_indices) == len(self.input_ids)
 
 
 class PendingOutput:
@@ -97,6 +105,16 @@ class PendingOutput:
             self.event.synchronize()
         tokens, logprobs = self.sampled.to_lists(self.rows)
         return ModelRunnerOutput(self.req_ids, [[t] for t in tokens], logprobs)
+
+
+class ReadyOutput:
+    """A step whose outputs already reached the host (speculative steps)."""
+
+    def __init__(self, output: ModelRunnerOutput):
+        self.output = output
+
+    def result(self) -> ModelRunnerOutput:
+        return self.output
 
 
 class ModelRunner:
@@ -138,13 +156,21 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self.prev_sampled: torch.Tensor | None = None   # the last step's tokens, on the device
         self.prev_rows: dict[str, int] = {}              # request -> its row in prev_sampled
+        # Speculative decoding: the proposer, the query length of verification steps (k + 1,
+        # also set on a draft model's runner for its pass over those steps) and their graphs.
+        self.proposer: Proposer | None = None
+        self.proposing = True                # False: verify nothing new, propose nothing
+        self.spec_query_len: int | None = None
+        self.spec_graphs: DecodeGraphs | None = None
+        self.draft_probs: dict[str, torch.Tensor] = {}   # request -> q of its proposals
 
     # ---- KV cache ------------------------------------------------------------------------
     def kv_block_bytes(self) -> int:
         mc = self.model_config
         shape = self.attn.kv_cache_shape(1, self.block_size, self.num_kv_heads, mc.head_dim)
         per_layer = int(np.prod(shape)) * torch.empty((), dtype=self.dtype).element_size()
-        return per_layer * mc.num_hidden_layers
+        extra = self.proposer.kv_block_bytes() if self.proposer is not None else 0
+        return per_layer * mc.num_hidden_layers + extra
 
     def determine_num_blocks(self) -> int:
         """Blocks for the KV cache: num-gpu-blocks-override, else kv-cache-memory-gb, else the
@@ -194,7 +220,7 @@ class ModelRunner:
         num_seqs = max(1, min(self.config.max_num_seqs, tokens))
         per_seq = -(-tokens // num_seqs)
         blocks_per_seq = -(-per_seq // self.block_size)
-        self.allocate_kv_cache(num_seqs * blocks_per_seq)
+        self._allocate_own_kv_cache(num_seqs * blocks_per_seq)
         lens = [per_seq] * (tokens // per_seq) + ([tokens % per_seq] if tokens % per_seq else [])
         hb = _dummy_prefill(lens, blocks_per_seq, self.block_size)
         input_ids, positions, metadata = self._eager_inputs(hb)
@@ -202,8 +228,16 @@ class ModelRunner:
         rows = hidden[:1].expand(num_seqs, -1)
         torch.softmax(self.model.compute_logits(rows).float(), dim=-1)
         self.kv_caches = []
+        if self.proposer is not None:
+            self.proposer.profile_run()
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
+        """The KV cache of ``num_blocks`` blocks, and the proposer's of as many."""
+        self._allocate_own_kv_cache(num_blocks)
+        if self.proposer is not None:
+            self.proposer.allocate_kv_cache(num_blocks)
+
+    def _allocate_own_kv_cache(self, num_blocks: int) -> None:
         mc = self.model_config
         shape = self.attn.kv_cache_shape(num_blocks, self.block_size, self.num_kv_heads,
                                          mc.head_dim)
@@ -218,11 +252,20 @@ class ModelRunner:
             return
         self.graphs = DecodeGraphs(self, self.config.cuda_graph_sizes)
         self.graphs.capture()
+        if self.spec_query_len is not None and self.attn.supports_verify_graphs:
+            self.spec_graphs = DecodeGraphs(self, self.config.cuda_graph_sizes,
+                                            self.spec_query_len)
+            self.spec_graphs.capture()
+        if self.proposer is not None:
+            self.proposer.capture_graphs()
 
     # ---- per-step state ------------------------------------------------------------------
     def _update_states(self, sched: SchedulerOutput) -> None:
         for rid in sched.finished_req_ids:
             self.requests.pop(rid, None)
+            self.draft_probs.pop(rid, None)
+            if self.proposer is not None:
+                self.proposer.drop(rid)
         for new in sched.new_requests:
             gen = None
             if new.seed is not None:
@@ -234,8 +277,12 @@ class ModelRunner:
         for cached in sched.cached_requests:
             state = self.requests[cached.req_id]
             state.token_ids.extend(cached.new_token_ids)
+            if cached.num_kept_blocks is not None:          # the scheduler freed its tail
+                del state.block_ids[cached.num_kept_blocks:]
             state.block_ids.extend(cached.new_block_ids)
             state.num_computed_tokens = cached.num_computed_tokens
+        for rid in sched.num_scheduled_tokens:
+            self.requests[rid].spec_token_ids = sched.scheduled_spec_tokens.get(rid, [])
 
     def _host_batch(self, sched: SchedulerOutput) -> HostBatch:
         counts = sched.num_scheduled_tokens
@@ -244,6 +291,7 @@ class ModelRunner:
         states = [self.requests[rid] for rid in order]
         num_new = np.array([counts[rid] for rid in order], dtype=np.int64)
         known = np.array([len(s.token_ids) for s in states], dtype=np.int64)
+        drafts = np.array([len(s.spec_token_ids) for s in states], dtype=np.int64)
         starts = np.array([s.num_computed_tokens for s in states], dtype=np.int64)
         ends = starts + num_new
         query_start = np.zeros(len(states) + 1, dtype=np.int64)
@@ -257,7 +305,10 @@ class ModelRunner:
             real_end = min(ends[i], known[i])
             input_ids[query_start[i]:query_start[i] + real_end - starts[i]] = \
                 s.token_ids[starts[i]:real_end]
-            if ends[i] > known[i]:            # its last token was sampled by the last step
+            if drafts[i]:                     # the drafts follow its last token (a padding
+                input_ids[query_start[i + 1] - drafts[i]:query_start[i + 1]] = np.maximum(
+                    s.spec_token_ids, 0)          # slot, PAD_DRAFT, reads token 0)
+            elif ends[i] > known[i]:          # its last token was sampled by the last step
                 ph_index.append(query_start[i + 1] - 1)
                 ph_source.append(self.prev_rows[s.req_id])
         max_blocks = max(len(s.block_ids) for s in states)
@@ -266,12 +317,17 @@ class ModelRunner:
             block_table[i, :len(s.block_ids)] = s.block_ids
         bs = self.block_size
         slots = block_table[req_idx, positions // bs].astype(np.int64) * bs + positions % bs
-        sampling = ends >= known             # caught up: this step's last token samples
+        sampling = np.flatnonzero(ends >= known)   # caught up: its last token samples
+        # A sampling request's last 1 + drafts tokens get logits.
+        num_logits = drafts[sampling] + 1
+        first = np.repeat(query_start[1:][sampling] - num_logits, num_logits)
+        offset = np.arange(num_logits.sum()) - np.repeat(np.cumsum(num_logits) - num_logits,
+                                                         num_logits)
         return HostBatch(order, input_ids, positions, slots, query_start.astype(np.int32),
                          ends.astype(np.int32), block_table, int((num_new == 1).sum()),
-                         query_start[1:][sampling] - 1,
-                         [order[i] for i in np.flatnonzero(sampling)],
-                         np.array(ph_index, dtype=np.int64), np.array(ph_source, dtype=np.int64))
+                         first + offset, [order[i] for i in sampling],
+                         np.array(ph_index, dtype=np.int64), np.array(ph_source, dtype=np.int64),
+                         drafts[sampling])
 
     def _h2d(self, array: np.ndarray) -> torch.Tensor:
         """A host array on the device without waiting for the device."""
@@ -319,25 +375,32 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         return self.execute_async(sched).result()
 
+    def forward(self, hb: HostBatch) -> torch.Tensor:
+        """Hidden states of every token of the batch: a graph replay where one fits."""
+        for graphs in (self.graphs, self.spec_graphs):
+            if graphs is not None and graphs.can_run(hb):
+                return graphs.run(hb)
+        input_ids, positions, metadata = self._eager_inputs(hb)
+        return self.model(input_ids, positions, self.kv_caches, self.attn.build_metadata(metadata))
+
     @torch.inference_mode()
-    def execute_async(self, sched: SchedulerOutput) -> PendingOutput:
+    def execute_async(self, sched: SchedulerOutput) -> PendingOutput | ReadyOutput:
         """Launch a step; the host does not wait for the device (except where the platform
-        itself is synchronous, like the CPU)."""
+        itself is synchronous, like the CPU, or the step is speculative)."""
         self._update_states(sched)
         if sched.is_empty:
             return PendingOutput([], [], None, self.device)
         hb = self._host_batch(sched)
-        if self.graphs is not None and self.graphs.can_run(hb):
-            hidden = self.graphs.run(hb)
-        else:
-            input_ids, positions, metadata = self._eager_inputs(hb)
-            hidden = self.model(input_ids, positions, self.kv_caches,
-                                self.attn.build_metadata(metadata))
+        hidden = self.forward(hb)
+        if self.proposer is not None:
+            self.proposer.observe(hb)
         if not hb.sampling_req_ids:
             return PendingOutput([], [], None, self.device)
         if not hb.all_sample_in_order:
             hidden = hidden[self._h2d(hb.logits_indices)]
         logits = self.model.compute_logits(hidden)
+        if self.proposer is not None:
+            return ReadyOutput(self._verify_and_propose(hb, logits))
         if self.tp.rank == 0:
             rows, sampled = self._sample(logits, hb)
         else:
@@ -356,6 +419,68 @@ class ModelRunner:
             return [], SamplerOutput(logits.argmax(dim=-1))   # no per-row work
         rows = self._sampling_rows(hb)
         return rows, self.sampler.forward(logits, rows)
+
+    # ---- speculative steps ---------------------------------------------------------------
+    def _verify_and_propose(self, hb: HostBatch, logits: torch.Tensor) -> ModelRunnerOutput:
+        states = [self.requests[rid] for rid in hb.sampling_req_ids]
+        if all(s.sampling_params.plain_greedy for s in states):
+            rows = seeds = None                                  # argmax alone decides
+            drafts = [s.spec_token_ids for s in states]
+        else:
+            rows, seeds, drafts = self._position_rows(hb)
+        verified = verify(logits, rows, seeds, drafts, self._draft_probs(hb, logits))
+        requests = []
+        for rid, new_tokens in zip(hb.sampling_req_ids, verified.token_ids):
+            s = self.requests[rid]
+            room = self.max_model_len - len(s.token_ids) - len(new_tokens) - 1
+            requests.append(ProposalRequest(
+                rid, s.token_ids, new_tokens, s.num_prompt_tokens, max(room, 0),
+                s.sampling_params, s.seed, s.generator, s.block_ids))
+        proposals = self.proposer.propose(requests) if self.proposing else None
+        spec = [[] for _ in requests] if proposals is None else proposals.token_ids
+        for i, rid in enumerate(hb.sampling_req_ids):
+            probs = None if proposals is None or proposals.probs is None else proposals.probs[i]
+            if probs is None:
+                self.draft_probs.pop(rid, None)
+            else:
+                self.draft_probs[rid] = probs
+        return ModelRunnerOutput(list(hb.sampling_req_ids), verified.token_ids,
+                                 verified.logprobs, spec)
+
+    def _position_rows(self, hb: HostBatch):
+        """A SamplingRow and a seed per verified position, and each request's drafts. The
+        outputs before position j count its first j drafts, as plain decoding would."""
+        rows, seeds, drafts = [], [], []
+        for rid in hb.sampling_req_ids:
+            s = self.requests[rid]
+            prompt = TokenSpan(s.token_ids, 0, s.num_prompt_tokens)
+            num_out = len(s.token_ids) - s.num_prompt_tokens
+            for j in range(len(s.spec_token_ids) + 1):
+                outputs = TokenSpan(s.token_ids, s.num_prompt_tokens, len(s.token_ids))
+                if j and s.sampling_params.needs_penalties:
+                    outputs = list(outputs) + s.spec_token_ids[:j]
+                rows.append(SamplingRow(s.sampling_params, s.generator, prompt, outputs,
+                                        self.eos_token_ids, num_out + j))
+                seeds.append(None if s.generator is None
+                             else hash((s.seed, num_out + j)) & ((1 << 63) - 1))
+            drafts.append(s.spec_token_ids)
+        return rows, seeds, drafts
+
+    def _draft_probs(self, hb: HostBatch, logits: torch.Tensor) -> torch.Tensor | None:
+        """[positions, vocab]: at each draft position of a sampling request, the distribution
+        its draft came from (zeros elsewhere); None when no draft came with one."""
+        stored = [(i, self.draft_probs.get(rid)) for i, rid in enumerate(hb.sampling_req_ids)]
+        if not any(q is not None and hb.num_drafts[i] for i, q in stored):
+            return None
+        out = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
+        start = 0
+        for i, q in stored:
+            num = int(hb.num_drafts[i])
+            if q is not None and num:
+                real = min(num, len(q))                  # padding drafts have none
+                out[start:start + real] = q[:real]
+            start += num + 1
+        return out
 
 
 def _gathered_bytes(model: torch.nn.Module) -> int:

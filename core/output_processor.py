@@ -49,8 +49,9 @@ class RequestGroup:
 
 
 class OutputProcessor:
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, speculative: bool = False):
         self.tokenizer = tokenizer          # None: token ids only, no text
+        self.speculative = speculative      # add draft/accepted token counts to the metrics
         self.backend = tokenizer.backend_tokenizer if tokenizer is not None else None
         self.groups: dict[str, RequestGroup] = {}
         self.seq_of: dict[str, tuple[RequestGroup, SequenceState]] = {}
@@ -169,6 +170,11 @@ class OutputProcessor:
         finished = group.finished
         metrics = {"arrival_time": group.arrival_time, "first_token_time": group.first_token_time,
                    "last_token_time": group.last_token_time}
+        if self.speculative:
+            metrics["spec_num_draft_tokens"] = sum(s.request.num_draft_tokens
+                                                   for s in group.sequences)
+            metrics["spec_num_accepted_tokens"] = sum(s.request.num_accepted_tokens
+                                                      for s in group.sequences)
         out = RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, outputs,
                             finished, group.sequences[0].request.num_cached_tokens, metrics)
         if finished:

@@ -41,6 +41,9 @@ class Request:
     stop_reason: int | str | None = None
     num_preemptions: int = 0
     block_hashes: list[int] = field(default_factory=list)  # hash chain over full blocks
+    spec_token_ids: list[int] = field(default_factory=list)  # drafts to verify next step
+    num_draft_tokens: int = 0            # drafts verified for it so far
+    num_accepted_tokens: int = 0         # of which accepted
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -123,6 +123,13 @@ class Sampler:
 
 def sample(x: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """Temperature, top-k, top-p, min-p, then a draw. ``x`` is float32 and is modified."""
+    return exponential_race(processed_probs(x, rows), [row.generator for row in rows])
+
+
+def processed_probs(x: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """The distribution a row samples from: temperature, top-k, top-p, then min-p; rows sum
+    to 1 except after min-p, which zeroes entries without renormalizing. ``x`` is float32
+    logits (penalties applied) and is modified."""
     temperature = _column(x, [row.params.temperature for row in rows])
     x.div_(temperature)
     top_k = [row.params.top_k for row in rows]
@@ -133,7 +140,7 @@ def sample(x: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     min_p = [row.params.min_p for row in rows]
     if any(p > 0 for p in min_p):
         apply_min_p(probs, min_p)
-    return exponential_race(probs, [row.generator for row in rows])
+    return probs
 
 
 def apply_penalties(x: torch.Tensor, rows: list[SamplingRow]) -> None:

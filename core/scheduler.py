@@ -9,6 +9,14 @@ the head of the queue, to be recomputed (its prompt and outputs so far) when it 
 With async scheduling the next step is scheduled before this step's tokens reach the host: a
 request that samples holds an output *placeholder* until update() brings the token, and the
 next step already computes that position (the runner feeds the token on the device).
+
+Speculative decoding (synchronous steps only): a request's drafts are scheduled as extra
+tokens after its last one, with KV slots reserved for them and for the proposer's lookahead.
+update() appends the accepted drafts and the token after them (stopping where plain decoding
+would), rolls num_computed_tokens back over the rejected ones and frees their blocks. With
+``pad_drafts`` (the runner has verification graphs), a step where any request verifies drafts
+gives every decoding request k of them, padded with PAD_DRAFT (never accepted), so the batch
+is uniform and replays a graph.
 """
 from __future__ import annotations
 
@@ -19,6 +27,9 @@ from loom.kv_cache import KVCacheManager
 from loom.request import Request, RequestStatus
 from loom.scheduler_output import (CachedRequestData, ModelRunnerOutput, NewRequestData,
                                    SchedulerOutput, TokenLogprobs)
+from loom.spec_decode.stats import SpecDecodeStats
+
+PAD_DRAFT = -1     # a draft slot with no proposal: verified like none, never accepted
 
 
 @dataclass
@@ -37,12 +48,18 @@ class SchedulerStats:
     num_preemptions: int = 0
     prefix_queries: int = 0
     prefix_hits: int = 0
+    spec_decode: SpecDecodeStats | None = None
 
 
 class Scheduler:
     def __init__(self, kv_cache: KVCacheManager, *, max_num_seqs: int,
                  max_num_batched_tokens: int, max_model_len: int,
-                 enable_chunked_prefill: bool = True, async_scheduling: bool = False):
+                 enable_chunked_prefill: bool = True, async_scheduling: bool = False,
+                 num_spec_tokens: int = 0, num_lookahead_tokens: int = 0,
+                 pad_drafts: bool = False):
+        if num_spec_tokens and async_scheduling:
+            raise ValueError("speculative decoding needs synchronous steps (async_scheduling "
+                             "off)")
         self.kv = kv_cache
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -55,6 +72,10 @@ class Scheduler:
         self.num_preemptions = 0
         self._finished_ids: set[str] = set()     # to tell the runner next step
         self._sent_tokens: dict[str, int] = {}   # tokens of each request the runner knows
+        self.num_spec_tokens = num_spec_tokens             # k; 0: no speculative decoding
+        self.num_lookahead_tokens = num_lookahead_tokens   # KV slots the proposer writes
+        self.pad_drafts = pad_drafts
+        self.spec_stats = SpecDecodeStats() if num_spec_tokens else None
 
     # ---- requests in and out -------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -101,24 +122,31 @@ class Scheduler:
         self._finished_ids = set()
         budget = self.max_num_batched_tokens
         preempted = False
+        pad = self.pad_drafts and any(r.spec_token_ids and r.spec_token_ids[0] != PAD_DRAFT
+                                      for r in self.running)    # real drafts come first
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             if self._reached_limit(req):        # finishes when its pending token arrives
                 i += 1
                 continue
-            num_new = min(self._num_tokens(req) - req.num_computed_tokens, budget)
-            new_blocks = self.kv.allocate_slots(req, num_new)
+            if pad:
+                self._pad_drafts(req)
+            num_new = min(self._num_tokens(req) + len(req.spec_token_ids)
+                          - req.num_computed_tokens, budget)
+            lookahead = self._lookahead(req, req.num_computed_tokens + num_new)
+            kept = len(self.kv.block_ids(req.request_id))
+            new_blocks = self.kv.allocate_slots(req, num_new, num_lookahead_tokens=lookahead)
             while new_blocks is None:
                 victim = self.running.pop()
                 self._preempt(victim)
                 preempted = True
                 if victim is req:
                     break
-                new_blocks = self.kv.allocate_slots(req, num_new)
+                new_blocks = self.kv.allocate_slots(req, num_new, num_lookahead_tokens=lookahead)
             if new_blocks is None:
                 break
-            out.cached_requests.append(self._cached_data(req, new_blocks))
+            out.cached_requests.append(self._cached_data(req, new_blocks, kept))
             self._schedule(out, req, num_new)
             budget -= num_new
             i += 1
@@ -137,7 +165,8 @@ class Scheduler:
                 if not self.enable_chunked_prefill:
                     break
                 num_new = budget
-            new_blocks = self.kv.allocate_slots(req, num_new, hits)
+            new_blocks = self.kv.allocate_slots(req, num_new, hits,
+                                                self._lookahead(req, num_hit + num_new))
             if new_blocks is None:
                 break
             self.waiting.popleft()
@@ -158,12 +187,28 @@ class Scheduler:
         out.num_scheduled_tokens[req.request_id] = num_new
         out.total_num_scheduled_tokens += num_new
         req.num_computed_tokens += num_new
+        num_drafts = req.num_computed_tokens - req.num_tokens   # the budget may cut them
+        if num_drafts > 0:
+            out.scheduled_spec_tokens[req.request_id] = req.spec_token_ids[:num_drafts]
         # Blocks filled by this step are findable at once: a request admitted later in this
         # same step (an n > 1 sibling, a shared prefix) reuses them, since every layer writes
         # the step's K/V before attention reads them.
         self.kv.cache_blocks(req)
         if self.async_scheduling and req.num_computed_tokens == self._num_tokens(req):
             req.num_output_placeholders += 1    # it samples: the token stays on the device
+
+    def _pad_drafts(self, req: Request) -> None:
+        """Up to k drafts for a decoding request, as far as max-model-len leaves room."""
+        if req.num_computed_tokens == req.num_tokens - 1:
+            room = min(self.num_spec_tokens, self.max_model_len - req.num_tokens - 1)
+            req.spec_token_ids = req.spec_token_ids + [PAD_DRAFT] * (room -
+                                                                      len(req.spec_token_ids))
+
+    def _lookahead(self, req: Request, end: int) -> int:
+        """KV slots past ``end`` to reserve: the proposer's, for a request that samples."""
+        if not self.num_lookahead_tokens or end < req.num_tokens:
+            return 0
+        return max(0, min(self.num_lookahead_tokens, self.max_model_len - end))
 
     @staticmethod
     def _num_tokens(req: Request) -> int:
@@ -180,14 +225,17 @@ class Scheduler:
         must not be scheduled before this step's tokens are known."""
         return any(r.sampling_params.needs_penalties for r in self.running)
 
-    def _cached_data(self, req: Request, new_blocks: list[int]) -> CachedRequestData:
+    def _cached_data(self, req: Request, new_blocks: list[int],
+                     num_kept_blocks: int) -> CachedRequestData:
         sent = self._sent_tokens[req.request_id]
         new_tokens = req.token_slice(sent, req.num_tokens) if sent < req.num_tokens else []
         self._sent_tokens[req.request_id] = req.num_tokens
-        return CachedRequestData(req.request_id, new_tokens, new_blocks, req.num_computed_tokens)
+        return CachedRequestData(req.request_id, new_tokens, new_blocks, req.num_computed_tokens,
+                                 num_kept_blocks)
 
     def _preempt(self, req: Request) -> None:
         self.kv.free(req)
+        req.spec_token_ids = []
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
         req.num_preemptions += 1
@@ -205,10 +253,14 @@ class Scheduler:
                 continue
             if self.async_scheduling:
                 req.num_output_placeholders -= 1
+            tokens = result.sampled_token_ids[idx]
+            drafts = sched.scheduled_spec_tokens.get(rid)
+            if drafts:
+                self._roll_back(req, drafts, len(tokens) - 1)
             logprobs = result.logprobs[idx] if result.logprobs else None
             new_tokens = []
             status = None
-            for token in result.sampled_token_ids[idx]:
+            for token in tokens:
                 req.output_token_ids.append(token)
                 new_tokens.append(token)
                 status = self._check_stop(req, token)
@@ -221,7 +273,26 @@ class Scheduler:
                 # A request preempted while its step was in flight waits in the queue.
                 (self.running if req.status == RequestStatus.RUNNING else self.waiting).remove(req)
                 self._finish(req, status)
+            elif self.num_spec_tokens:
+                self._take_proposals(req, result.spec_token_ids[idx] if result.spec_token_ids
+                                     else [])
         return updates
+
+    def _roll_back(self, req: Request, drafts: list[int], num_accepted: int) -> None:
+        """The KV of rejected drafts is void: the request recomputes from its first one."""
+        req.num_computed_tokens -= len(drafts) - num_accepted
+        proposed = sum(1 for d in drafts if d != PAD_DRAFT)
+        if proposed:
+            req.num_draft_tokens += proposed
+            req.num_accepted_tokens += num_accepted
+            self.spec_stats.observe(proposed, num_accepted)
+
+    def _take_proposals(self, req: Request, proposals: list[int]) -> None:
+        """Drafts for the next step, as many as could still be emitted after one more token;
+        blocks past the request's tokens go back to the pool until the next step asks."""
+        room = min(req.max_tokens - req.num_output_tokens, self.max_model_len - req.num_tokens)
+        req.spec_token_ids = list(proposals[:max(room - 1, 0)])
+        self.kv.free_tail(req, req.num_tokens)
 
     def _check_stop(self, req: Request, token: int) -> RequestStatus | None:
         params = req.sampling_params
@@ -238,4 +309,5 @@ class Scheduler:
 
     def stats(self) -> SchedulerStats:
         return SchedulerStats(len(self.running), len(self.waiting), self.kv.usage,
-                              self.num_preemptions, self.kv.prefix_queries, self.kv.prefix_hits)
+                              self.num_preemptions, self.kv.prefix_queries, self.kv.prefix_hits,
+                              self.spec_stats.copy() if self.spec_stats else None)

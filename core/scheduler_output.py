@@ -25,6 +25,8 @@ class CachedRequestData:
     new_token_ids: list[int]      # tokens appended to the request since the runner saw it
     new_block_ids: list[int]      # blocks appended to its block table
     num_computed_tokens: int
+    num_kept_blocks: int | None = None   # its table's first blocks kept (speculative decoding
+                                         # frees rejected tokens' blocks); None: all
 
 
 @dataclass
@@ -34,6 +36,8 @@ class SchedulerOutput:
     num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
     total_num_scheduled_tokens: int = 0
     finished_req_ids: set[str] = field(default_factory=set)  # the runner drops their state
+    # Drafts to verify, the last tokens of a request's scheduled ones (speculative decoding).
+    scheduled_spec_tokens: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def is_empty(self) -> bool:
@@ -53,5 +57,7 @@ class TokenLogprobs:
 @dataclass
 class ModelRunnerOutput:
     req_ids: list[str] = field(default_factory=list)            # requests that sampled
+    # Per request the tokens it emitted: one, or with drafts the accepted ones and one more.
     sampled_token_ids: list[list[int]] = field(default_factory=list)
     logprobs: list[list[TokenLogprobs] | None] = field(default_factory=list)
+    spec_token_ids: list[list[int]] | None = None    # proposals for the next step

@@ -17,7 +17,8 @@ def bench(tmp_path, capsys, *argv) -> dict:
     path = tmp_path / "result.json"
     assert main(["bench", *argv, *ENGINE, "--json", str(path)]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert last.split()[0] in ("loom", "hf", "roofline", "hf_static_compiled")  # the table ends it
+    assert last.split()[0] in ("loom", "hf", "roofline", "hf_static_compiled",  # the table
+                               "oracle", "ngram")                               # ends it
     record = json.loads(path.read_text())
     assert set(record) == KEYS
     assert record["command"][:3] == ["loom", "bench", argv[0]]
@@ -103,3 +104,35 @@ def test_left_pad():
 def test_bad_size_is_an_error(tiny_models, capsys):
     assert main(["bench", "throughput", str(tiny_models["llama"]), "--num-prompts", "0"]) == 2
     assert "--num-prompts: must be > 0" in capsys.readouterr().err
+
+
+def test_latency_speculative_sweep(tiny_models, tmp_path, capsys):
+    """Plain decoding, then the oracle at each k and acceptance rate, in one process."""
+    f = bench(tmp_path, capsys, "latency", str(tiny_models["llama"]), "--batch-size", "2",
+              "--input-len", "8", "--output-len", "20", "--num-iters", "1",
+              "--num-iters-warmup", "1", "--speculative",
+              "{method: oracle, num-speculative-tokens: 2}", "--spec-k", "2", "3",
+              "--spec-acceptance-rate", "1.0", "0.0")
+    assert f["method"] == "oracle" and f["plain"][0]["decode_tok_s"] > 0
+    runs = {(r["num_speculative_tokens"], r["acceptance_rate_set"]): r for r in f["runs"]}
+    assert set(runs) == {(2, 1.0), (2, 0.0), (3, 1.0), (3, 0.0)}
+    for k in (2, 3):
+        perfect, hopeless = runs[k, 1.0], runs[k, 0.0]
+        assert perfect["acceptance_rate"] == 1.0 and perfect["mean_accepted_length"] > k
+        assert perfect["oracle_off_path"] == 0
+        assert hopeless["acceptance_rate"] == 0.0 and hopeless["mean_accepted_length"] == 1.0
+        assert perfect["steps"] < hopeless["steps"]
+        assert perfect["speedup_decode"] > 0 and perfect["output_tok_s"] > 0
+
+
+def test_latency_speculative_ngram_self_repeat(tiny_models, tmp_path, capsys):
+    f = bench(tmp_path, capsys, "latency", str(tiny_models["llama"]), "--batch-size", "1",
+              "--input-len", "24", "--output-len", "16", "--num-iters", "1",
+              "--num-iters-warmup", "0", "--spec-prompts", "self-repeat", "--speculative",
+              '{"method": "ngram", "num-speculative-tokens": 3, "prompt-lookup-min": 1}')
+    (run,) = f["runs"]
+    assert f["workload"] == "self-repeat" and run["spec_decode"]["num_draft_tokens"] > 0
+    assert main(["bench", "latency", str(tiny_models["llama"]), "--speculative",
+                 "{method: ngram, num-speculative-tokens: 2}", "--spec-acceptance-rate",
+                 "0.5"]) == 2
+    assert "--spec-acceptance-rate: only for method oracle" in capsys.readouterr().err

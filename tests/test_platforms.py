@@ -34,7 +34,7 @@ def test_gpu_platform_classes_are_unavailable_here(cls, name):
     assert cls.device_type == "cuda"
     assert cls.dist_backend == "nccl"
     assert cls.supports_graphs
-    assert cls.default_attention_backends == ("triton", "torch")
+    assert cls.default_attention_backends == ("triton", "flash_attn", "flashinfer", "torch")
     assert cls.auto_priority == 10
     assert set(cls.supported_dtypes) == {torch.bfloat16, torch.float16, torch.float32}
 

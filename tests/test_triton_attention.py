@@ -121,6 +121,48 @@ def test_decode_reads_no_host_values(monkeypatch):
     assert rel_err(out[:len(DECODE_BATCH)], ref[:len(DECODE_BATCH)]) < 1e-4
 
 
+def verify_metadata(batch, num_pad: int):
+    """A speculative verification batch laid out as its graph pads it: every sequence a chunk
+    of q tokens over its prefix, then padding sequences of seq_len q that write nothing."""
+    metadata, num_blocks = build_metadata(batch, 16, DEVICE)
+    q = batch[0][1]
+    qsl = torch.arange(len(batch) + num_pad + 1, dtype=torch.int32) * q
+    lens = torch.cat([metadata.seq_lens_cpu, torch.full((num_pad,), q, dtype=torch.int32)])
+    tables = torch.cat([metadata.block_tables.cpu(),
+                        torch.zeros(num_pad, metadata.block_tables.shape[1], dtype=torch.int32)])
+    slots = torch.cat([metadata.slot_mapping.cpu(), torch.full((num_pad * q,), -1)])
+    total = (len(batch) + num_pad) * q
+    padded = type(metadata)(
+        num_seqs=len(batch) + num_pad, num_decodes=0, num_tokens=total, max_query_len=q,
+        max_seq_len=metadata.max_seq_len, query_start_loc=qsl.to(DEVICE),
+        seq_lens=lens.to(DEVICE), block_tables=tables.to(DEVICE), slot_mapping=slots.to(DEVICE),
+        query_start_loc_cpu=qsl, seq_lens_cpu=lens, block_size=16)
+    return padded, num_blocks, len(batch) * q
+
+
+@pytest.mark.parametrize("heads", [(4, 4), (8, 2)], ids=str)
+def test_padded_verify_batch_reads_no_host_values(heads, monkeypatch):
+    """Speculative verification under a graph: uniform 5-token chunks plus padding; the real
+    rows equal torch_ref's, the cache gets exactly their K/V, and no per-step host value (no
+    sync) is used."""
+    backend = make_backend(*heads)
+    metadata, num_blocks, real = verify_metadata([(17, 5), (40, 5), (3, 5)], num_pad=2)
+    q, k, v, kv_cache = random_inputs(metadata, num_blocks, *heads, 32, torch.float32, DEVICE)
+    _, ref, _, ref_cache = run_with_ref(backend, metadata, q, k, v, kv_cache)
+    metadata.query_start_loc_cpu = metadata.seq_lens_cpu = None
+    metadata.max_seq_len = -1
+
+    def no_sync(*_):
+        raise AssertionError("host sync on the verification path")
+    for name in ("item", "tolist", "cpu"):
+        monkeypatch.setattr(torch.Tensor, name, no_sync)
+    cache = kv_cache.clone()
+    out = backend.forward(q, k, v, cache, metadata)
+    monkeypatch.undo()
+    assert rel_err(out[:real], ref[:real]) < 1e-4
+    assert torch.equal(cache, ref_cache)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU")
 def test_cuda_graph_replay_with_new_metadata():

@@ -62,6 +62,7 @@ class Run:
     outputs: list[RequestOutput] = field(default_factory=list)
     records: list = field(default_factory=list)      # the engine's StepRecords
     num_output_tokens: dict[str, int] = field(default_factory=dict)
+    token_ids: list[list[int]] = field(default_factory=list)   # per prompt, its first output
 
     @property
     def e2e(self) -> float:
@@ -79,9 +80,9 @@ class Run:
 def run_requests(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> Run:
     """Submit every prompt at once, then step the engine until all are finished."""
     start = time.perf_counter()
-    for prompt in prompts:
-        engine.add_request(prompt, params)
+    ids = [engine.add_request(prompt, params) for prompt in prompts]
     stamps, started, done, counts = [], set(), {}, {}
+    tokens: dict[str, list[int]] = {i: [] for i in ids}
     first_token_step = prefill_steps = None
     engine.step_records = []
     while engine.has_unfinished_requests():
@@ -91,6 +92,7 @@ def run_requests(engine: Engine, prompts: list[list[int]], params: SamplingParam
         stamps.append(time.perf_counter())
         for out in outputs:
             new_tokens = sum(len(c.token_ids) for c in out.outputs)
+            tokens[out.request_id] += next((c.token_ids for c in out.outputs if c.index == 0), [])
             if new_tokens:
                 started.add(out.request_id)
                 counts[out.request_id] = counts.get(out.request_id, 0) + new_tokens
@@ -102,7 +104,7 @@ def run_requests(engine: Engine, prompts: list[list[int]], params: SamplingParam
             prefill_steps = len(stamps)
     records, engine.step_records = engine.step_records, None
     return Run(start, stamps[-1], stamps, first_token_step, prefill_steps, list(done.values()),
-               records, counts)
+               records, counts, [tokens[i] for i in ids])
 
 
 def step_profile(records) -> dict:

@@ -2,7 +2,8 @@
 
 Per batch size: end-to-end latency, prefill time (until every request has its first token),
 the median decode step and decode tok/s; at batch 1 also the memory roofline: weight bytes over
-the copy bandwidth measured in this run.
+the copy bandwidth measured in this run. With --speculative, speculative decoding against plain
+decoding instead (bench/spec_decode.py).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import statistics
 import numpy as np
 import torch
 
+from loom.bench import spec_decode
 from loom.bench.common import (Run, Target, add_result_args, copy_bandwidth, format_table, greedy,
                                ms, random_prompts, ratio, require_positive, run_requests,
                                start_engine, startup_line, summarize, write_record)
@@ -33,6 +35,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hf-num-iters-warmup", type=int, default=2)
     parser.add_argument("--hf-static", action=argparse.BooleanOptionalAction, default=True,
                         help="at batch 1, also HF with its static cache and compiled decode")
+    spec_decode.add_args(parser)
     add_result_args(parser)
 
 
@@ -46,6 +49,14 @@ def prompts_for(seed: int, batch_size: int, iteration: int, input_len: int,
 def main(config: EngineConfig, args: argparse.Namespace) -> int:
     require_positive(args, "batch_size", "input_len", "output_len", "num_iters", "hf_num_iters",
                      "copy_gib")
+    if config.speculative is not None:
+        if args.compare:
+            raise ValueError("--compare: not with --speculative (it compares with plain "
+                             "decoding)")
+        figures, target = spec_decode.run(config, args)
+        write_record(NAME, config, args, target, figures)
+        print(spec_decode.table(figures))
+        return 0
     batches, target, startup = run_loom(config, args)
     target.free()
     if 1 in batches:

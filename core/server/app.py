@@ -30,7 +30,8 @@ logger = logging.getLogger("loom")
 def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     """The app around an AsyncEngine; its lifespan starts the engine thread and shuts it down."""
     serving = OpenAIServing(engine, settings)
-    metrics = Metrics(settings.model_names[0])
+    metrics = Metrics(settings.model_names[0],
+                      speculative=getattr(engine.engine, "speculative", None) is not None)
     engine.on_step = metrics.on_step
 
     @asynccontextmanager

@@ -2,7 +2,8 @@
 
 Metrics.on_step runs in the engine thread after every step: it sets the scheduler gauges,
 turns the scheduler's running totals into counter increments, and times each request's tokens
-(TTFT, inter-token latency, end-to-end) from the outputs of the step.
+(TTFT, inter-token latency, end-to-end) from the outputs of the step. With speculative decoding
+it also counts drafts, draft tokens and accepted tokens (in all and by draft position).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, 
                                generate_latest)
 
 from loom.outputs import RequestOutput
+from loom.spec_decode.stats import SpecDecodeStats
 
 TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
                 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0]
@@ -26,7 +28,7 @@ COUNTED = ("num_preemptions", "prefix_queries", "prefix_hits")   # running total
 class Metrics:
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, model_name: str):
+    def __init__(self, model_name: str, speculative: bool = False):
         self.registry = r = CollectorRegistry()
         label = ["model_name"]
 
@@ -68,6 +70,21 @@ class Metrics:
                                             "Generated tokens per request.", TOKEN_BUCKETS)
         self._totals = dict.fromkeys(COUNTED, 0)
         self._seen: dict[str, tuple[int, float]] = {}   # request -> (tokens so far, last time)
+        self.spec_counters = None
+        if speculative:
+            self.spec_counters = {
+                "num_drafts": counter("loom:spec_decode_num_drafts",
+                                      "Verifications of drafts (one per request and step)."),
+                "num_draft_tokens": counter("loom:spec_decode_num_draft_tokens",
+                                            "Draft tokens verified."),
+                "num_accepted_tokens": counter("loom:spec_decode_num_accepted_tokens",
+                                               "Draft tokens accepted."),
+            }
+            self._per_position = Counter(
+                "loom:spec_decode_num_accepted_tokens_per_pos",
+                "Draft tokens accepted, by their position among the request's drafts.",
+                ["model_name", "position"], registry=r)
+        self._spec_before = SpecDecodeStats()
 
     def on_step(self, engine, outputs: list[RequestOutput]) -> None:
         """In the engine thread, after each step (and each abort)."""
@@ -80,9 +97,21 @@ class Metrics:
             if total > self._totals[name]:
                 counter.inc(total - self._totals[name])
             self._totals[name] = total
+        if self.spec_counters is not None and stats.spec_decode is not None:
+            self._count_spec(stats.spec_decode)
         now = time.monotonic()
         for out in outputs:
             self._observe(out, now)
+
+    def _count_spec(self, totals: SpecDecodeStats) -> None:
+        new = totals.since(self._spec_before)
+        for name, counter in self.spec_counters.items():
+            if getattr(new, name):
+                counter.inc(getattr(new, name))
+        for position, count in enumerate(new.accepted_per_position):
+            if count:
+                self._per_position.labels(self.model_name, str(position)).inc(count)
+        self._spec_before = totals.copy()
 
     def _observe(self, out: RequestOutput, now: float) -> None:
         before, last = self._seen.get(out.request_id, (0, 0.0))

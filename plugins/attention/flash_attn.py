@@ -37,6 +37,7 @@ class FlashAttnAttention(AttentionBackend):
     supported_dtypes = (torch.float16, torch.bfloat16)
     required_block_size = PAGE_SIZE
     supports_graphs = True
+    supports_verify_graphs = True
 
     @classmethod
     def is_supported(cls, platform) -> bool:

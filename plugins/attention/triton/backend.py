@@ -41,6 +41,7 @@ def num_kv_splits(num_programs: int, max_context: int, num_sms: int) -> int:
 class TritonAttention(AttentionBackend):
     name = "triton"
     supports_graphs = True
+    supports_verify_graphs = True
 
     @classmethod
     def is_supported(cls, platform) -> bool:
