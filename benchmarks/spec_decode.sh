@@ -26,7 +26,7 @@ for phase in "$@"; do
     oracle)
       log "oracle: k 2 4 8 x acceptance 1.0 0.7 0.4 0.0, batch $BATCHES, 128 in / 256 out"
       loom --log-level WARNING bench latency "${COMMON[@]}" \
-        --speculative '{method: oracle, num-speculative-tokens: 4}' \
+        --speculative '{method: oracle, num-speculative-tokens: 4, force-path: true}' \
         --spec-k 2 4 8 --spec-acceptance-rate 1.0 0.7 0.4 0.0 \
         --json "$OUT/spec_oracle_llama3-8b.json" 2>&1 | tail -20
       save spec_oracle_llama3-8b.json

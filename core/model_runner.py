@@ -429,6 +429,11 @@ class ModelRunner:
         else:
             rows, seeds, drafts = self._position_rows(hb)
         verified = verify(logits, rows, seeds, drafts, self._draft_probs(hb, logits))
+        forced = getattr(self.proposer, "forced_tokens", None)      # oracle force-path
+        for i, s in enumerate(states if forced is not None else []):
+            path = forced(s.req_id, s.token_ids, s.num_prompt_tokens, s.spec_token_ids)
+            if path is not None:
+                verified.token_ids[i] = path
         requests = []
         for rid, new_tokens in zip(hb.sampling_req_ids, verified.token_ids):
             s = self.requests[rid]

@@ -284,3 +284,23 @@ def test_server_metrics_count_drafts(tiny_models):
     assert values["loom:spec_decode_num_draft_tokens_total"] > 0
     assert (values["loom:spec_decode_num_accepted_tokens_total"]
             == values["loom:spec_decode_num_draft_tokens_total"])
+
+
+@pytest.mark.parametrize("rate", [1.0, 0.5, 0.0])
+def test_oracle_force_path_holds_the_set_acceptance(tiny_models, rate):
+    """The benchmark mode: output is the recorded greedy path, every draft token right with
+    probability ``rate``, so k drafts accept sum(rate**j, j=1..k) / k of them on average."""
+    path = tiny_models["llama"]
+    params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+    plain = [o.outputs[0].token_ids for o in make_llm(path).generate(PROMPTS, params,
+                                                                      use_tqdm=False)]
+    llm = make_llm(path, speculative={"method": "oracle", "num-speculative-tokens": 3,
+                                      "acceptance-rate": rate, "force-path": True})
+    tok = llm.get_tokenizer()
+    record_greedy(llm.engine, [tok.encode(p) for p in PROMPTS], 48)
+    outs = llm.generate(PROMPTS, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == plain
+    stats = llm.spec_decode_stats
+    assert stats.num_draft_tokens > 100
+    expected = sum(rate ** j for j in range(1, 4)) / 3
+    assert stats.acceptance_rate == pytest.approx(expected, abs=0.08)

@@ -95,6 +95,23 @@ def test_oracle_stops_proposing_off_its_path():
     assert proposer.propose([unknown]).token_ids == [[]]
 
 
+def test_oracle_force_path_emits_the_recorded_path():
+    """Drafts up to the first wrong one, then the path's next token; None off the record."""
+    proposer = OracleProposer(3, 1.0, 0, vocab_size=50, force_path=True)
+    proposer.remember([1, 2], [5, 6, 7, 8, 9])
+    assert proposer.propose([ProposalRequest("r", [1, 2], [5], 2, 100,
+                                             SamplingParams())]).token_ids == [[6, 7, 8]]
+    assert proposer.forced_tokens("r", [1, 2, 5], 2, [6, 7, 8]) == [6, 7, 8, 9]
+    assert proposer.forced_tokens("r", [1, 2, 5], 2, [6, 4, 8]) == [6, 7]
+    assert proposer.forced_tokens("r", [1, 2, 5], 2, [3, 7, 8]) == [6]
+    assert proposer.forced_tokens("r", [1, 2, 5, 6, 7, 8, 9], 2, []) is None   # path's end
+    assert proposer.forced_tokens("u", [3, 4], 1, [1]) is None                   # no record
+    plain = OracleProposer(3, 1.0, 0, vocab_size=50)
+    plain.remember([1, 2], [5, 6, 7, 8, 9])
+    plain.propose([ProposalRequest("r", [1, 2], [5], 2, 100, SamplingParams())])
+    assert plain.forced_tokens("r", [1, 2, 5], 2, [6, 7, 8]) is None
+
+
 # ---- scheduler ----------------------------------------------------------------------------------
 def make_scheduler(num_blocks=32, budget=64, lookahead=0, k=4, max_len=64):
     kv = KVCacheManager(num_blocks, 4, True)

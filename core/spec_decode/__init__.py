@@ -20,6 +20,7 @@ def build_proposer(spec: SpeculativeConfig, engine: "Engine", pm: "PluginManager
         return NgramProposer(k, spec.prompt_lookup_min, spec.prompt_lookup_max)
     if spec.method == "oracle":
         from loom.spec_decode.oracle import OracleProposer
-        return OracleProposer(k, spec.acceptance_rate, spec.seed, engine.model_config.vocab_size)
+        return OracleProposer(k, spec.acceptance_rate, spec.seed, engine.model_config.vocab_size,
+                              spec.force_path)
     from loom.spec_decode.draft import DraftModelProposer, load_draft_runner
     return DraftModelProposer(k, load_draft_runner(spec, engine, pm, attn_cls))

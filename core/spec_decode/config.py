@@ -22,6 +22,7 @@ KEYS = {
     "dtype": ("draft",),
     "load-format": ("draft",),
     "acceptance-rate": ("oracle",),
+    "force-path": ("oracle",),
     "seed": ("oracle",),
 }
 DEFAULT_LOOKUP_MIN = 2
@@ -40,6 +41,7 @@ class SpeculativeConfig:
     load_format: str | None = None           # draft: None = the engine's load-format
     acceptance_rate: float = 1.0             # oracle: chance that a proposed token is right
     seed: int = 0                            # oracle: seed of its deliberate errors
+    force_path: bool = False                 # oracle: emit the recorded path (benchmarks)
 
 
 def _bad(key: str, allowed: str, value) -> ConfigError:
@@ -127,6 +129,10 @@ def _oracle(values: dict) -> dict:
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate <= 1:
             raise _bad("acceptance-rate", "a number in [0, 1]", rate)
         out["acceptance_rate"] = float(rate)
+    if "force-path" in values:
+        if not isinstance(values["force-path"], bool):
+            raise _bad("force-path", "true or false", values["force-path"])
+        out["force_path"] = values["force-path"]
     if "seed" in values:
         out["seed"] = _int(values, "seed", 0)
     return out

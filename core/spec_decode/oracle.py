@@ -6,6 +6,12 @@ The continuation of a prompt comes from a plain greedy run recorded beforehand (
 ``record_greedy`` runs it through an engine). A request whose output has left the recorded
 continuation, or has run past its end, gets no proposals. The errors are a deterministic
 function of (seed, prompt, output index): reruns propose the same tokens.
+
+With ``force-path`` (benchmarks of the machinery on random weights, where bf16 near-ties make a
+verification step leave the recorded path often) each verification emits the recorded path
+itself: the drafts up to the first wrong one, then the path's next token. The target's own
+choice is still computed and verified against, then discarded, so a step costs what a real one
+does and the acceptance is exactly the one set.
 """
 from __future__ import annotations
 
@@ -29,7 +35,7 @@ class OracleProposer(Proposer):
     method = "oracle"
 
     def __init__(self, num_speculative_tokens: int, acceptance_rate: float, seed: int,
-                 vocab_size: int):
+                 vocab_size: int, force_path: bool = False):
         super().__init__(num_speculative_tokens)
         self.acceptance_rate = acceptance_rate     # may be changed between runs
         self.seed = seed
@@ -37,6 +43,7 @@ class OracleProposer(Proposer):
         self.continuations: dict[tuple[int, ...], list[int]] = {}
         self.tracks: dict[str, _Track] = {}
         self.num_off_path = 0                      # proposals skipped: output left the record
+        self.force_path = force_path
 
     def remember(self, prompt_token_ids: list[int], continuation: list[int]) -> None:
         self.continuations[tuple(prompt_token_ids)] = list(continuation)
@@ -73,6 +80,23 @@ class OracleProposer(Proposer):
         wrong = (draw >> np.uint64(11)).astype(np.float64) / float(1 << 53) >= self.acceptance_rate
         shift = 1 + (_splitmix64(draw) % np.uint64(self.vocab_size - 1)).astype(np.int64)
         return np.where(wrong, (tokens + shift) % self.vocab_size, tokens)
+
+    def forced_tokens(self, req_id: str, token_ids: list[int], num_prompt_tokens: int,
+                      drafts: list[int]) -> list[int] | None:
+        """With force-path, what this request's verification emits: the recorded path's drafts
+        up to the first wrong one, then the path's next token. None without force-path or off
+        the record."""
+        track = self.tracks.get(req_id)
+        if not self.force_path or track is None or track.continuation is None:
+            return None
+        cont, num_out = track.continuation, len(token_ids) - num_prompt_tokens
+        if num_out >= len(cont):
+            return None
+        accepted = 0
+        while (accepted < len(drafts) and num_out + accepted + 1 < len(cont)
+               and drafts[accepted] == cont[num_out + accepted]):
+            accepted += 1
+        return cont[num_out:num_out + accepted + 1]
 
     def drop(self, req_id: str) -> None:
         self.tracks.pop(req_id, None)
