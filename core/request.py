@@ -43,6 +43,8 @@ class Request:
     block_hashes: list[int] = field(default_factory=list)  # hash chain over full blocks
     spec_token_ids: list[int] = field(default_factory=list)  # drafts to verify next step
     num_draft_tokens: int = 0            # drafts verified for it so far
+    num_missed_drafts: int = 0           # verifications in a row that accepted no draft
+    draft_backoff: int = 0               # steps left without drafts (see draft_backoff())
     num_accepted_tokens: int = 0         # of which accepted
 
     @property

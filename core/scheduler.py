@@ -16,7 +16,8 @@ update() appends the accepted drafts and the token after them (stopping where pl
 would), rolls num_computed_tokens back over the rejected ones and frees their blocks. With
 ``pad_drafts`` (the runner has verification graphs), a step where any request verifies drafts
 gives every decoding request k of them, padded with PAD_DRAFT (never accepted), so the batch
-is uniform and replays a graph.
+is uniform and replays a graph. A request whose drafts keep being rejected backs off
+(draft_backoff): it decodes without drafts for a growing number of steps, then tries again.
 """
 from __future__ import annotations
 
@@ -30,6 +31,15 @@ from loom.scheduler_output import (CachedRequestData, ModelRunnerOutput, NewRequ
 from loom.spec_decode.stats import SpecDecodeStats
 
 PAD_DRAFT = -1     # a draft slot with no proposal: verified like none, never accepted
+MAX_DRAFT_BACKOFF = 32
+
+
+def draft_backoff(num_missed: int) -> int:
+    """Steps a request decodes without drafts after ``num_missed`` verifications in a row
+    that accepted none: none after one, then 1, 2, 4, ... up to MAX_DRAFT_BACKOFF. A request
+    whose drafts keep failing costs a verification about every MAX_DRAFT_BACKOFF steps
+    instead of every step; one accepted draft resets it."""
+    return 0 if num_missed < 2 else min(1 << (num_missed - 2), MAX_DRAFT_BACKOFF)
 
 
 @dataclass
@@ -286,11 +296,16 @@ class Scheduler:
             req.num_draft_tokens += proposed
             req.num_accepted_tokens += num_accepted
             self.spec_stats.observe(proposed, num_accepted)
+            req.num_missed_drafts = 0 if num_accepted else req.num_missed_drafts + 1
+            req.draft_backoff = draft_backoff(req.num_missed_drafts)
 
     def _take_proposals(self, req: Request, proposals: list[int]) -> None:
         """Drafts for the next step, as many as could still be emitted after one more token;
         blocks past the request's tokens go back to the pool until the next step asks."""
         room = min(req.max_tokens - req.num_output_tokens, self.max_model_len - req.num_tokens)
+        if req.draft_backoff:
+            req.draft_backoff -= 1
+            room = 0
         req.spec_token_ids = list(proposals[:max(room - 1, 0)])
         self.kv.free_tail(req, req.num_tokens)
 

@@ -301,6 +301,9 @@ def test_oracle_force_path_holds_the_set_acceptance(tiny_models, rate):
     outs = llm.generate(PROMPTS, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == plain
     stats = llm.spec_decode_stats
-    assert stats.num_draft_tokens > 100
+    assert stats.num_draft_tokens > 30
     expected = sum(rate ** j for j in range(1, 4)) / 3
     assert stats.acceptance_rate == pytest.approx(expected, abs=0.08)
+    steps = len(PROMPTS) * 48
+    if rate == 0.0:         # drafts that always fail back off: few verifications
+        assert stats.num_drafts < steps / 4

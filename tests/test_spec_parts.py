@@ -112,6 +112,12 @@ def test_oracle_force_path_emits_the_recorded_path():
     assert plain.forced_tokens("r", [1, 2, 5], 2, [6, 7, 8]) is None
 
 
+def test_draft_backoff_grows_then_caps():
+    from loom.scheduler import MAX_DRAFT_BACKOFF, draft_backoff
+    assert [draft_backoff(m) for m in range(8)] == [0, 0, 1, 2, 4, 8, 16, 32]
+    assert draft_backoff(40) == MAX_DRAFT_BACKOFF
+
+
 # ---- scheduler ----------------------------------------------------------------------------------
 def make_scheduler(num_blocks=32, budget=64, lookahead=0, k=4, max_len=64):
     kv = KVCacheManager(num_blocks, 4, True)
