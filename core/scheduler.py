@@ -36,10 +36,11 @@ MAX_DRAFT_BACKOFF = 32
 
 def draft_backoff(num_missed: int) -> int:
     """Steps a request decodes without drafts after ``num_missed`` verifications in a row
-    that accepted none: none after one, then 1, 2, 4, ... up to MAX_DRAFT_BACKOFF. A request
-    whose drafts keep failing costs a verification about every MAX_DRAFT_BACKOFF steps
-    instead of every step; one accepted draft resets it."""
-    return 0 if num_missed < 2 else min(1 << (num_missed - 2), MAX_DRAFT_BACKOFF)
+    that accepted none: none after up to three (a low but useful acceptance misses that often),
+    then 1, 2, 4, ... up to MAX_DRAFT_BACKOFF. A request whose drafts keep failing costs a
+    verification about every MAX_DRAFT_BACKOFF steps instead of every step; one accepted
+    draft resets it."""
+    return 0 if num_missed < 4 else min(1 << (num_missed - 4), MAX_DRAFT_BACKOFF)
 
 
 @dataclass

@@ -114,7 +114,7 @@ def test_oracle_force_path_emits_the_recorded_path():
 
 def test_draft_backoff_grows_then_caps():
     from loom.scheduler import MAX_DRAFT_BACKOFF, draft_backoff
-    assert [draft_backoff(m) for m in range(8)] == [0, 0, 1, 2, 4, 8, 16, 32]
+    assert [draft_backoff(m) for m in range(10)] == [0, 0, 0, 0, 1, 2, 4, 8, 16, 32]
     assert draft_backoff(40) == MAX_DRAFT_BACKOFF
 
 
