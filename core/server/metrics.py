@@ -1,8 +1,8 @@
 """Prometheus metrics, named as vLLM names them with a ``loom:`` prefix.
 
-Metrics.on_step runs in the engine thread after every step: it sets the scheduler gauges,
-turns the scheduler's running totals into counter increments, and times each request's tokens
-(TTFT, inter-token latency, end-to-end) from the outputs of the step.
+Metrics.on_step runs on the event loop after every step's outputs arrive: it sets the scheduler
+gauges, turns the scheduler's running totals into counter increments, and times each request's
+tokens (TTFT, inter-token latency, end-to-end) from the outputs of the step.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, 
                                generate_latest)
 
 from loom.outputs import RequestOutput
+from loom.scheduler import SchedulerStats
 
 TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
                 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0]
@@ -69,9 +70,15 @@ class Metrics:
         self._totals = dict.fromkeys(COUNTED, 0)
         self._seen: dict[str, tuple[int, float]] = {}   # request -> (tokens so far, last time)
 
-    def on_step(self, engine, outputs: list[RequestOutput]) -> None:
-        """In the engine thread, after each step (and each abort)."""
-        stats = engine.scheduler.stats()
+    def on_step(self, stats: SchedulerStats | None, outputs: list[RequestOutput]) -> None:
+        """After each step (the scheduler's figures then) and each abort (stats None)."""
+        if stats is not None:
+            self._set_scheduler_figures(stats)
+        now = time.monotonic()
+        for out in outputs:
+            self._observe(out, now)
+
+    def _set_scheduler_figures(self, stats: SchedulerStats) -> None:
         self.running.set(stats.num_running)
         self.waiting.set(stats.num_waiting)
         self.kv_usage.set(stats.kv_cache_usage)
@@ -80,9 +87,6 @@ class Metrics:
             if total > self._totals[name]:
                 counter.inc(total - self._totals[name])
             self._totals[name] = total
-        now = time.monotonic()
-        for out in outputs:
-            self._observe(out, now)
 
     def _observe(self, out: RequestOutput, now: float) -> None:
         before, last = self._seen.get(out.request_id, (0, 0.0))
