@@ -25,7 +25,7 @@ import zmq.asyncio
 from loom import core_process
 from loom.config import ConfigError, EngineConfig
 from loom.core_loop import (CoreFailed, EngineStartupError, Ready, Shutdown, StartupFailed,
-                            describe, serve)
+                            Stopped, describe, serve)
 from loom.engine_core import CoreInfo, EngineCore
 
 logger = logging.getLogger("loom")
@@ -107,6 +107,7 @@ class ProcessClient:
         self._stopping = False
         self._closed = False
         self._reader: asyncio.Task | None = None
+        self._reader_done = threading.Event()
         level = logging.getLogger("loom").getEffectiveLevel()
         self.process = multiprocessing.get_context("spawn").Process(
             target=core_process.run, name="loom-engine-core",
@@ -171,7 +172,7 @@ class ProcessClient:
                 if await sock.poll(POLL_MS, zmq.POLLIN):
                     message = pickle.loads(await sock.recv())
                     on_message(message)
-                    if isinstance(message, CoreFailed):
+                    if isinstance(message, (CoreFailed, Stopped)):   # its last message
                         return
                 elif not self.process.is_alive():
                     if not self._stopping:
@@ -181,14 +182,18 @@ class ProcessClient:
         finally:
             sock.close()                        # and the socket it wraps
             self._close()
+            self._reader_done.set()
 
     def shutdown(self, timeout: float) -> None:
-        """Tell the core to stop, and wait for its process (killed after ``timeout``)."""
+        """Tell the core to stop; wait until its last message is read and its process has
+        ended (killed after ``timeout``). Blocking: run it off the event loop."""
         self._stopping = True
         self.send(Shutdown())
+        if self._reader is not None:
+            self._reader_done.wait(timeout)
         self.process.join(timeout)
         self._end_process()
-        if self._reader is None:
+        if self._reader is None:                # else the reader closes the sockets
             self._close()
 
     def _end_process(self) -> None:
