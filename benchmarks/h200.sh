@@ -99,16 +99,22 @@ with tarfile.open('$OUT/flashinfer-jit.tar.xz', 'w:xz') as t:
       ls -la "$OUT"
       ;;
     serve)
-      # Needs fastapi/uvicorn/pydantic there: carry .whl (README of the device tool).
+      # Needs fastapi/uvicorn/pydantic and pyzmq there: carry .whl (README of the device tool;
+      # pyzmq: pip download ... --platform manylinux_2_28_x86_64 -d .whl pyzmq==27.3.0).
+      # SERVE_MODES="process thread" also measures the engine core in a thread, as before.
       python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
         && export PYTHONPATH=/tmp/site
-      log "loom serve + bench serve, 1000 x 1024/128, unlimited rate"
-      loom --log-level WARNING serve --config $CFG --port 8011 > "$OUT/serve.log" 2>&1 &
-      server=$!
-      for _ in $(seq 120); do curl -sf localhost:8011/health > /dev/null && break; sleep 1; done
-      loom bench serve --port 8011 --num-prompts 1000 --input-len 1024 --output-len 128 \
-        --json "$OUT/serve_1000x1024x128.json" 2>&1 | tail -15
-      kill -TERM $server; wait $server
+      for mode in ${SERVE_MODES:-process}; do
+        log "loom serve (engine core in a $mode) + bench serve, 1000 x 1024/128, unlimited rate"
+        loom --log-level WARNING serve --config $CFG --port 8011 --engine-core $mode \
+          > "$OUT/serve_$mode.log" 2>&1 &
+        server=$!
+        for _ in $(seq 180); do curl -sf localhost:8011/health > /dev/null && break; sleep 1; done
+        name=serve_1000x1024x128; [ $mode = process ] || name=serve_${mode}_1000x1024x128
+        loom bench serve --port 8011 --num-prompts 1000 --input-len 1024 --output-len 128 \
+          --json "$OUT/$name.json" 2>&1 | tail -15
+        kill -TERM $server; wait $server
+      done
       log "bench throughput, the same workload"
       loom --log-level WARNING bench throughput --config $CFG --num-prompts 1000 --input-len 1024 \
         --output-len 128 --json "$OUT/throughput_1000x1024x128.json" 2>&1 | grep -v "^Processed" | tail -6

@@ -1,206 +1,216 @@
-"""AsyncEngine: the Engine stepping in a background thread, for the server.
+"""AsyncEngine: the server's engine. Requests in, RequestStreams out; the event loop never
+waits on a step.
 
-The thread owns the Engine. Requests and aborts reach it through a command queue; its outputs
-reach the asyncio event loop through ``call_soon_threadsafe``, one batch per step, into one
-queue per request, so the event loop never waits on a step. A crash inside the engine fails
-every request in flight with EngineDeadError and leaves the engine dead (health turns 503).
+The engine core (scheduler, KV cache, executor) steps elsewhere: in a process of its own (the
+default, core_client.ProcessClient) or in a thread (ThreadClient). It sends the outputs of each
+step as one message of token ids; here, on the event loop, the output processor turns them into
+RequestOutputs (detokenized, stop strings checked) for one queue per request. Requests are
+tokenized and checked here too, so a bad one fails alone before it reaches the core. A core that
+fails, or whose process dies, fails every request in flight with EngineDeadError and leaves the
+engine dead (health turns 503).
 """
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import logging
-import queue
-import threading
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from pathlib import Path
 
-from loom.engine import Engine
+from loom.config import ENGINE_CORE_MODES, ConfigError, EngineConfig
+from loom.core_loop import CoreFailed, Finish, StepOutputs, Stopped, UtilityCall, UtilityResult
+from loom.engine_core import CoreInfo, CoreStats, EngineCore, sequence_ids
+from loom.input_processor import prepare_request
+from loom.loader import load_generation_config, load_tokenizer
+from loom.output_processor import OutputProcessor
 from loom.outputs import CompletionOutput, RequestOutput
+from loom.request import RequestStatus
 from loom.sampling_params import SamplingParams
+from loom.scheduler import SchedulerStats
 
 logger = logging.getLogger("loom")
 
 
 class EngineDeadError(RuntimeError):
-    """The engine thread has failed or been shut down; no request can be served."""
-
-
-@dataclass
-class _Add:
-    prompt: str | list[int]
-    params: SamplingParams
-    request_id: str
-    future: asyncio.Future
-
-
-@dataclass
-class _Abort:
-    request_ids: list[str]
-
-
-_STOP = object()
+    """The engine core has failed or been shut down; no request can be served."""
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine):
-        self.engine = engine
-        # Called in the engine thread after each step and abort: on_step(engine, outputs).
-        self.on_step: Callable[[Engine, list[RequestOutput]], None] | None = None
-        self.error: BaseException | None = None
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._lock = threading.Lock()          # orders submissions against death and stop
-        self._stopped = False
-        self._streams: dict[str, asyncio.Queue] = {}   # owned by the event loop
-        self._live: set[str] = set()                    # in the engine, owned by its thread
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+    def __init__(self, config: EngineConfig, engine_core: str = "process",
+                 setup: Callable[[EngineCore], None] | None = None):
+        """Start the engine core (``engine_core``: "process" or "thread") and load the
+        tokenizer. ``setup``: called on the EngineCore before it serves (in the core's
+        process: a function importable by name), for tests and debugging."""
+        from loom.core_client import ProcessClient, ThreadClient
 
-    # ---- lifetime (event loop side) --------------------------------------------------------
+        if engine_core not in ENGINE_CORE_MODES:
+            raise ConfigError(f"engine-core: expected one of {', '.join(ENGINE_CORE_MODES)}, "
+                              f"got {engine_core!r}")
+        self.client = (ProcessClient if engine_core == "process" else ThreadClient)(config, setup)
+        self.info: CoreInfo = self.client.info
+        try:
+            path = Path(self.info.model_path)
+            self.tokenizer = (None if config.skip_tokenizer_init
+                              else load_tokenizer(config.tokenizer or path))
+            self.generation_config = load_generation_config(path)
+        except BaseException:
+            self.client.shutdown(timeout=5.0)
+            raise
+        self.outputs = OutputProcessor(self.tokenizer, speculative=self.info.speculative)
+        # Called on the event loop after each step and abort: on_step(stats, outputs); stats
+        # is None after an abort.
+        self.on_step: Callable[[SchedulerStats | None, list[RequestOutput]], None] | None = None
+        self.error: EngineDeadError | None = None
+        self.final_stats: CoreStats | None = None    # the core's, when it stopped
+        self._streams: dict[str, asyncio.Queue] = {}
+        self._calls: dict[int, asyncio.Future] = {}
+        self._call_ids = itertools.count()
+        self._stopped = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # ---- lifetime --------------------------------------------------------------------------
     def start(self) -> None:
-        """Start the engine thread; call from the event loop that will consume the outputs."""
+        """Start serving; call from the event loop that will consume the outputs."""
         self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name="loom-engine", daemon=True)
-        self._thread.start()
+        self.client.start(self._loop, self._on_message)
 
     @property
     def started(self) -> bool:
-        return self._thread is not None
+        return self._loop is not None
 
     @property
     def healthy(self) -> bool:
-        return self.error is None and self._thread is not None and self._thread.is_alive()
+        return self.error is None and not self._stopped and self.started and self.client.alive
 
     def shutdown(self, timeout: float = 30.0) -> None:
-        """Stop the thread after its current step (requests still running are failed) and
-        release the executor. Blocking: run it off the event loop."""
-        with self._lock:
-            self._stopped = True
-            self._commands.put(_STOP)
-        if self._thread is not None:
-            self._thread.join(timeout)
-        self.engine.shutdown()
+        """Stop the core (requests still running are failed) and wait for it. Blocking: run
+        it off the event loop."""
+        self._stopped = True
+        self.client.shutdown(timeout)
+        self._call_soon(self._fail_all, EngineDeadError("the engine was shut down"))
 
     @property
     def num_in_flight(self) -> int:
         return len(self._streams)
 
-    # ---- requests (event loop side) --------------------------------------------------------
+    # ---- requests (on the event loop) --------------------------------------------------------
     async def add_request(self, prompt: str | list[int], params: SamplingParams,
                           request_id: str, delta: bool = False) -> RequestStream:
-        """Queue a request and wait until the engine has taken it: ValueError (naming the
-        field) if it refuses it. ``delta``: each output carries only what is new."""
+        """Check and queue a request: ValueError (naming the field) if it is bad. ``delta``:
+        each output carries only what is new."""
+        self._check_alive()
+        if request_id in self.outputs.groups:
+            raise ValueError(f"request_id: {request_id!r} is already in use")
+        # The output processor makes deltas: no per-step copy of the whole output so far.
+        params = dataclasses.replace(params, output_kind="delta")
+        text, request = prepare_request(prompt, params, request_id, self.tokenizer,
+                                        self.info.vocab_size, self.info.max_model_len)
+        self.outputs.add(request_id, text, request.prompt_token_ids, params,
+                         sequence_ids(request_id, params.n))
         outputs: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = outputs
-        # The engine always sends deltas: no per-step copy of the whole output so far.
-        params = dataclasses.replace(params, output_kind="delta")
-        try:
-            future = self._loop.create_future()
-            self._submit(_Add(prompt, params, request_id, future))
-            await future
-        except BaseException:
-            self._streams.pop(request_id, None)
-            self.abort(request_id)     # cancelled after the engine took it: nobody will read
-            raise
+        self.client.send(request)
         return RequestStream(self, request_id, outputs, delta)
 
     def abort(self, request_id: str) -> None:
-        """Abort a request (its KV blocks are freed before the next step). Thread-safe."""
-        self._commands.put(_Abort([request_id]))
+        """End a request now; the core frees its KV blocks before its next step."""
+        seq_ids = self.outputs.sequence_ids([request_id])
+        if not seq_ids:
+            return                              # finished already
+        outputs = self.outputs.finish_aborted(seq_ids)
+        if self.on_step is not None:
+            self.on_step(None, outputs)
+        self.client.send(Finish(seq_ids, RequestStatus.FINISHED_ABORTED))
 
-    def _submit(self, command) -> None:
-        with self._lock:
-            if self.error is not None:
-                raise EngineDeadError(f"the engine has failed: {describe(self.error)}")
-            if self._stopped:
-                raise EngineDeadError("the engine is shutting down")
-            self._commands.put(command)
+    async def call_core(self, method: str, *args):
+        """``EngineCore.<method>(*args)``, run by the core between two steps (after every
+        message sent before); e.g. ``await call_core("stats")``."""
+        self._check_alive()
+        call_id = next(self._call_ids)
+        future = self._calls[call_id] = self._loop.create_future()
+        self.client.send(UtilityCall(call_id, method, args))
+        try:
+            return await future
+        finally:
+            self._calls.pop(call_id, None)
 
-    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+    def _check_alive(self) -> None:
+        if self.error is not None:
+            raise EngineDeadError(str(self.error))
+        if self._stopped:
+            raise EngineDeadError("the engine is shutting down")
+
+    # ---- what the core sends (on the event loop) ---------------------------------------------
+    def _on_message(self, message) -> None:
+        try:
+            self._handle(message)
+        except Exception as e:  # noqa: BLE001 - requests must fail, not wait for outputs
+            logger.exception("loom: the engine's outputs could not be processed")
+            self._die(f"processing the engine core's outputs failed: {type(e).__name__}: {e}")
+
+    def _handle(self, message) -> None:
+        if isinstance(message, StepOutputs):
+            self._on_step_outputs(message)
+        elif isinstance(message, UtilityResult):
+            self._on_utility_result(message)
+        elif isinstance(message, Stopped):
+            self.final_stats = message.stats
+            if message.num_aborted:
+                logger.warning("loom: the engine core stopped with %d sequences still running; "
+                               "they were aborted", message.num_aborted)
+        elif isinstance(message, CoreFailed):
+            self._die(message.error)
+
+    def _on_step_outputs(self, message: StepOutputs) -> None:
+        outputs, stopped = self.outputs.process(message.updates)
+        if stopped:
+            self.client.send(Finish(stopped, RequestStatus.FINISHED_STOPPED))
+        for request_id, why in message.rejected.items():
+            self._reject(request_id, why)
+        if self.on_step is not None:
+            self.on_step(message.stats, outputs)
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if stream is not None:
                 stream.put_nowait(out)
 
-    def _fail_all(self, error: BaseException) -> None:
+    def _on_utility_result(self, message: UtilityResult) -> None:
+        future = self._calls.get(message.call_id)
+        if future is None or future.done():
+            return
+        if message.error is None:
+            future.set_result(message.result)
+        else:
+            future.set_exception(RuntimeError(f"engine core call failed: {message.error}"))
+
+    def _reject(self, request_id: str, why: str) -> None:
+        self.outputs.finish_aborted(self.outputs.sequence_ids([request_id]))
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.put_nowait(ValueError(why))
+
+    def _die(self, error: str) -> None:
+        if self.error is not None:
+            return
+        self.error = EngineDeadError(f"the engine has failed: {error}")
+        logger.error("loom: %s; failing every request in flight", self.error)
+        self._fail_all(self.error)
+
+    def _fail_all(self, error: EngineDeadError) -> None:
         for stream in self._streams.values():
             stream.put_nowait(error)
-
-    # ---- the engine thread -----------------------------------------------------------------
-    def _run(self) -> None:
-        try:
-            while self._serve_commands():
-                if self.engine.has_unfinished_requests():
-                    self._publish(self.engine.step())
-            self._publish(self.engine.abort_request(list(self._live)))
-            self._call_soon(self._fail_all, EngineDeadError("the engine was shut down"))
-        except BaseException as e:  # noqa: BLE001 - any failure kills the engine, loudly
-            logger.exception("loom: the engine failed; failing every request in flight")
-            self._die(e)
-
-    def _serve_commands(self) -> bool:
-        """Apply the queued commands, blocking for one while there is nothing to step.
-        False when told to stop."""
-        block = not self.engine.has_unfinished_requests()
-        while True:
-            try:
-                command = self._commands.get(block=block)
-            except queue.Empty:
-                return True
-            if command is _STOP:
-                return False
-            self._apply(command)
-            block = False
-
-    def _apply(self, command) -> None:
-        if isinstance(command, _Abort):
-            self._publish(self.engine.abort_request(command.request_ids))
-            return
-        try:
-            self.engine.add_request(command.prompt, command.params, command.request_id)
-        except ValueError as e:                 # a bad request fails alone
-            self._call_soon(_settle, command.future, e)
-            return
-        self._live.add(command.request_id)
-        self._call_soon(_settle, command.future, None)
-
-    def _publish(self, outputs: list[RequestOutput]) -> None:
-        self._live.difference_update(out.request_id for out in outputs if out.finished)
-        if self.on_step is not None:
-            self.on_step(self.engine, outputs)
-        if outputs:
-            self._call_soon(self._dispatch, outputs)
-
-    def _die(self, error: BaseException) -> None:
-        with self._lock:
-            self.error = error
-            pending = []
-            while not self._commands.empty():
-                pending.append(self._commands.get_nowait())
-        dead = EngineDeadError(f"the engine has failed: {describe(error)}")
-        for command in pending:
-            if isinstance(command, _Add):
-                self._call_soon(_settle, command.future, dead)
-        self._call_soon(self._fail_all, dead)
+        for future in self._calls.values():
+            if not future.done():
+                future.set_exception(error)
 
     def _call_soon(self, fn, *args) -> None:
+        if self._loop is None:
+            return
         try:
             self._loop.call_soon_threadsafe(fn, *args)
         except RuntimeError:                    # the event loop is closed: nobody listens
             pass
-
-
-def _settle(future: asyncio.Future, error: BaseException | None) -> None:
-    if future.done():
-        return
-    if error is None:
-        future.set_result(None)
-    else:
-        future.set_exception(error)
-
-
-def describe(error: BaseException) -> str:
-    return f"{type(error).__name__}: {error}"[:300]
 
 
 class RequestStream:
@@ -255,7 +265,8 @@ class RequestStream:
             self.engine.abort(self.request_id)
 
     def __del__(self) -> None:   # a stream dropped unread still frees its blocks
-        self.close()
+        if not self._closed:
+            self.engine._call_soon(self.close)
 
 
 def accumulate(so_far: RequestOutput | None, delta: RequestOutput) -> RequestOutput:

@@ -20,6 +20,7 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
 KV_CACHE_DTYPES = ("auto", "fp8")
 BLOCK_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+ENGINE_CORE_MODES = ("process", "thread")      # where `loom serve` runs the engine core
 
 
 class ConfigError(ValueError):

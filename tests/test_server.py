@@ -14,7 +14,7 @@ import time
 import httpx
 import openai
 
-from live_server import MODEL_NAME, LiveServer, one_torch_thread, slowed
+from live_server import MODEL_NAME, LiveServer, one_torch_thread
 from loom import LLM, SamplingParams
 
 API_KEY = "test-key"
@@ -237,9 +237,16 @@ def test_tokenize_detokenize(http, offline):
     assert http.post("/detokenize", json={"tokens": [10 ** 6]}).status_code == 400
 
 
-def test_event_loop_answers_while_generating(server, client, http, monkeypatch):
+@pytest.fixture
+def slow_steps(server):
+    """Engine steps of 10 ms or more while the test runs."""
+    server.set_step_delay(0.01)
+    yield
+    server.set_step_delay(0.0)
+
+
+def test_event_loop_answers_while_generating(server, client, http, slow_steps):   # 2 s+
     import threading
-    monkeypatch.setattr(server.engine, "step", slowed(server.engine.step, 0.01))  # 2 s+
     worker = threading.Thread(target=lambda: client.completions.create(
         model=MODEL_NAME, prompt=[PROMPTS[0]] * 4, max_tokens=200, temperature=0,
         extra_body={"ignore_eos": True}))
@@ -256,8 +263,7 @@ def test_event_loop_answers_while_generating(server, client, http, monkeypatch):
 
 
 # ---- disconnects ---------------------------------------------------------------------------------
-def test_disconnect_aborts(server, http, monkeypatch):
-    monkeypatch.setattr(server.engine, "step", slowed(server.engine.step, 0.01))  # 240: 2.4 s+
+def test_disconnect_aborts(server, http, slow_steps):     # 240 tokens: 2.4 s+
     body = {"model": MODEL_NAME, "prompt": PROMPTS[0], "max_tokens": 240, "ignore_eos": True,
             "temperature": 0}
     aborted = metric(http, "loom:request_success_total", finished_reason="abort")
@@ -442,6 +448,34 @@ def test_skip_tokenizer_init_serves_token_ids(tiny_models, offline):
                                       ("/v1/completions", {"prompt": ids, "stop": ["x"]}, "stop"),
                                       ("/tokenize", {"prompt": "text"}, "prompt")):
                 check_error(http.post(path, json=body), 400, param, ["skip-tokenizer-init"])
+        s.assert_clean()
+    finally:
+        s.stop()
+
+
+def test_engine_core_in_a_thread(tiny_models, offline):
+    """--engine-core thread serves the same: greedy text as offline, n=2 streaming with a stop
+    string, and a client that hangs up frees its blocks."""
+    expected = offline.generate(PROMPTS, greedy(), use_tqdm=False)
+    s = LiveServer(tiny_models["llama"], engine_core="thread", **CONFIG)
+    try:
+        client = s.client()
+        whole = client.completions.create(model=MODEL_NAME, prompt=PROMPTS, max_tokens=12,
+                                          temperature=0)
+        assert [c.text for c in whole.choices] == [o.outputs[0].text for o in expected]
+        text = expected[1].outputs[0].text
+        stop = text[4:7]
+        texts, reasons, _ = stream_text(client.completions.create(
+            model=MODEL_NAME, prompt=PROMPTS[1], max_tokens=12, temperature=0, n=2,
+            stop=[stop], stream=True))
+        assert texts == {0: text[:text.find(stop)], 1: text[:text.find(stop)]}
+        assert reasons == {0: "stop", 1: "stop"}
+        s.set_step_delay(0.01)
+        with s.http() as http, http.stream("POST", "/v1/completions", json={
+                "model": MODEL_NAME, "prompt": PROMPTS[0], "max_tokens": 200, "stream": True,
+                "ignore_eos": True}) as response:
+            assert next(response.iter_lines()).startswith("data: ")
+        assert s.wait_idle(timeout=3.0) < 1.0
         s.assert_clean()
     finally:
         s.stop()

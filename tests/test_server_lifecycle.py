@@ -1,6 +1,8 @@
-"""The server's lifetime: an engine crash fails the requests in flight with 500 and turns
-/health to 503 without hanging; a drain lets requests in flight finish and refuses new ones, up
-to the shutdown timeout; `loom serve` does it on SIGTERM."""
+"""The server's lifetime: an engine crash (in the core, or its process killed) fails the
+requests in flight with 500 and turns /health to 503 without hanging; a core that cannot start
+says why; a drain lets requests in flight finish and refuses new ones, up to the shutdown
+timeout; `loom serve` does it on SIGTERM. The engine core runs in its own process unless a test
+says thread."""
 from __future__ import annotations
 
 import pytest
@@ -20,7 +22,12 @@ import time
 import httpx
 import openai
 
-from live_server import MODEL_NAME, LiveServer, one_torch_thread, slowed
+import live_server
+from live_server import MODEL_NAME, LiveServer, one_torch_thread
+from loom.async_engine import AsyncEngine
+from loom.cli import main
+from loom.config import build_config
+from loom.core_loop import EngineStartupError
 
 _threads = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
 CONFIG = dict(max_model_len=256, max_num_seqs=8)
@@ -34,59 +41,112 @@ def long(max_tokens: int = 200) -> dict:
                 extra_body={"ignore_eos": True})
 
 
-def test_engine_crash_fails_in_flight_and_health(tiny_models):
-    server = LiveServer(tiny_models["llama"], **CONFIG)
+def run_all(calls: dict) -> tuple[dict, float]:
+    """Each call in a thread of its own: {name: result or exception}, and the seconds taken."""
+    results = {}
+
+    def run(name, fn):
+        try:
+            results[name] = fn()
+        except Exception as e:  # noqa: BLE001
+            results[name] = e
+
+    workers = [threading.Thread(target=run, args=item) for item in calls.items()]
+    start = time.monotonic()
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(20)
+    return results, time.monotonic() - start
+
+
+def assert_failed_server(server) -> None:
+    """/health 503, a new request 500 at once in OpenAI's shape, the HTTP side answering."""
+    with server.http() as http:
+        assert http.get("/health").status_code == 503
+        after = http.post("/v1/completions", json=LONG, timeout=5)
+        assert after.status_code == 500
+        assert set(after.json()["error"]) == {"message", "type", "param", "code"}
+        assert http.get("/version").status_code == 200
+
+
+@pytest.mark.parametrize("engine_core", ["process", "thread"])
+def test_engine_crash_fails_in_flight_and_health(tiny_models, engine_core):
+    server = LiveServer(tiny_models["llama"], engine_core=engine_core, **CONFIG)
     try:
         client = server.client(timeout=20)
-        step, calls = server.engine.step, []
-
-        def failing_step():
-            calls.append(1)
-            if len(calls) >= 10:
-                raise RuntimeError("injected device fault")
-            return step()
-
-        results = {}
-
-        def call(name, fn):
-            try:
-                results[name] = fn()
-            except Exception as e:  # noqa: BLE001
-                results[name] = e
-
         stream = client.completions.create(stream=True, **long())
         first = next(iter(stream))
         assert first.choices
-        server.engine.step = failing_step
-        workers = [threading.Thread(target=call, args=(name, fn)) for name, fn in (
-            ("whole", lambda: client.completions.create(**long())),
-            ("chat", lambda: client.chat.completions.create(
+        server.call_core("fail_after_steps", 9)
+        results, seconds = run_all({
+            "whole": lambda: client.completions.create(**long()),
+            "chat": lambda: client.chat.completions.create(
                 model=MODEL_NAME, messages=[{"role": "user", "content": "hi"}],
-                max_tokens=200, extra_body={"ignore_eos": True})),
-            ("stream", lambda: list(stream)))]
-        start = time.monotonic()
-        for w in workers:
-            w.start()
-        for w in workers:
-            w.join(20)
-        assert time.monotonic() - start < 15, "requests hung after the engine failed"
+                max_tokens=200, extra_body={"ignore_eos": True}),
+            "stream": lambda: list(stream)})
+        assert seconds < 15, "requests hung after the engine failed"
         assert isinstance(results["whole"], openai.InternalServerError)
         assert isinstance(results["chat"], openai.InternalServerError)
         assert "injected device fault" in results["whole"].message
         assert isinstance(results["stream"], openai.APIError)     # the error event in the stream
-        with server.http() as http:
-            assert http.get("/health").status_code == 503
-            after = http.post("/v1/completions", json=LONG, timeout=5)
-            assert after.status_code == 500
-            assert set(after.json()["error"]) == {"message", "type", "param", "code"}
-            assert http.get("/version").status_code == 200       # the HTTP side still answers
+        assert_failed_server(server)
     finally:
         server.stop()
 
 
+def test_core_process_killed_fails_in_flight_and_health(tiny_models):
+    """SIGKILL to the engine core's process: the requests in flight fail with 500 within a
+    bounded time, /health turns 503, new requests get 500 at once."""
+    server = LiveServer(tiny_models["llama"], **CONFIG)
+    try:
+        server.set_step_delay(0.01)                          # 200 tokens: 2 s or more
+        client = server.client(timeout=20)
+        stream = client.completions.create(stream=True, **long())
+        assert next(iter(stream)).choices
+
+        def kill_when_both_run():
+            deadline = time.monotonic() + 10
+            while server.async_engine.num_in_flight < 2:    # the stream and "whole"
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            os.kill(server.async_engine.client.process.pid, signal.SIGKILL)
+            return time.monotonic()
+
+        results, _ = run_all({"whole": lambda: client.completions.create(**long()),
+                              "stream": lambda: list(stream), "kill": kill_when_both_run})
+        assert isinstance(results["whole"], openai.InternalServerError), results["whole"]
+        failed_at = time.monotonic()
+        assert "killed by SIGKILL" in results["whole"].message
+        assert isinstance(results["stream"], openai.APIError)     # the error event in the stream
+        seconds = failed_at - results["kill"]
+        print(f"\nkilled core: the requests in flight failed within {seconds:.2f} s")
+        assert seconds < 5, "requests hung after the core process died"
+        assert not server.async_engine.healthy
+        assert_failed_server(server)
+    finally:
+        server.stop()
+
+
+def test_core_start_up_failures_are_reported(tiny_models, tmp_path, capsys):
+    """A core that fails to start, or whose process ends while starting, is an error that says
+    so at once; `loom serve` with a missing model prints the core's config error."""
+    config = build_config({"model": str(tiny_models["llama"]), "dtype": "float32"})
+    start = time.monotonic()
+    with pytest.raises(EngineStartupError, match="failed to start: RuntimeError: injected "
+                                                 "start-up fault"):
+        AsyncEngine(config, setup=live_server.fail_at_start)
+    with pytest.raises(EngineStartupError, match="process exited with code 3 while starting"):
+        AsyncEngine(config, setup=live_server.exit_at_start)
+    assert main(["serve", str(tmp_path / "missing"), "--port", "1"]) == 2
+    error = capsys.readouterr().err
+    assert "loom: error: config key 'model'" in error and "is not a model directory" in error
+    assert time.monotonic() - start < 60
+
+
 def test_drain_finishes_in_flight_and_refuses_new(tiny_models):
     server = LiveServer(tiny_models["llama"], shutdown_timeout=30, **CONFIG)
-    server.engine.step = slowed(server.engine.step, 0.02)    # 60 tokens: over a second
+    server.set_step_delay(0.02)                              # 60 tokens: over a second
     client = server.client()
     stream = client.completions.create(stream=True, **long(60))
     chunks = [next(iter(stream))]
@@ -101,13 +161,12 @@ def test_drain_finishes_in_flight_and_refuses_new(tiny_models):
     server.thread.join(10)
     assert not server.thread.is_alive()
     assert not server.async_engine.healthy                 # shut down with the server
-    kv = server.engine.kv_cache
-    assert kv.num_free_blocks == kv.num_blocks
+    assert_stopped_clean(server)
 
 
 def test_drain_timeout_cancels_and_frees(tiny_models):
     server = LiveServer(tiny_models["llama"], shutdown_timeout=0.5, **CONFIG)
-    server.engine.step = slowed(server.engine.step, 0.02)    # 240 tokens: about 5 s
+    server.set_step_delay(0.02)                              # 240 tokens: about 5 s
     client = server.client()
     stream = client.completions.create(stream=True, **long(240))
     next(iter(stream))
@@ -122,8 +181,15 @@ def test_drain_timeout_cancels_and_frees(tiny_models):
     except (httpx.HTTPError, openai.APIError):
         pass                                                # cut off mid-stream
     assert "length" not in reasons
-    kv = server.engine.kv_cache
-    assert kv.num_free_blocks == kv.num_blocks and not server.engine.scheduler.requests
+    assert_stopped_clean(server)
+
+
+def assert_stopped_clean(server) -> None:
+    """The core stopped when told to, and then held no request and no KV block."""
+    stats = server.async_engine.final_stats
+    assert stats is not None and stats.num_requests == 0
+    assert stats.num_free_blocks == stats.num_blocks
+    assert server.async_engine.client.process.exitcode == 0
 
 
 def free_port() -> int:

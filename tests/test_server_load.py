@@ -74,9 +74,11 @@ def test_load_disconnects_preemption(server, tiny_models):
     hang_ups = set(rng.sample(range(NUM_REQUESTS), HANG_UPS))
     plan = [(PROMPTS[i % len(PROMPTS)], MAX_TOKENS[i % len(MAX_TOKENS)],
              rng.randint(1, 6) if i in hang_ups else None) for i in range(NUM_REQUESTS)]
-    start = time.monotonic()
+    server.set_step_delay(0.005)      # tokens come slower than clients hang up: aborts meet
+    start = time.monotonic()          # requests the engine still holds
     results = asyncio.run(run_load(server, plan))
     elapsed = time.monotonic() - start
+    server.set_step_delay(0.0)
     completed = [(p, r) for p, r in zip(plan, results) if r[0] == "completed"]
     for (prompt, max_tokens, _), (_, text, reason) in completed:
         assert text == expected[(prompt, max_tokens)], (prompt, max_tokens)
@@ -87,9 +89,9 @@ def test_load_disconnects_preemption(server, tiny_models):
         assert http.get("/health").status_code == 200
         metrics = http.get("/metrics").text
     aborted = sample(metrics, 'loom:request_success_total{finished_reason="abort"')
-    preemptions = server.engine.scheduler.num_preemptions
-    kv = server.engine.kv_cache
-    leaked = kv.num_blocks - kv.num_free_blocks
+    stats = server.core_stats()
+    preemptions = stats.scheduler.num_preemptions
+    leaked = stats.num_blocks - stats.num_free_blocks
     print(f"\nload: {NUM_REQUESTS} streams in {elapsed:.1f} s: {len(completed)} completed, "
           f"{NUM_REQUESTS - len(completed)} hung up ({aborted:.0f} aborted in the engine), "
           f"{preemptions} preemptions, blocks leaked = {leaked}")

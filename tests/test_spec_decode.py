@@ -262,13 +262,14 @@ def test_speculative_on_the_command_line_takes_yaml_or_json(tmp_path):
                                                       "num-speculative-tokens": 3}
 
 
-def test_server_metrics_count_drafts(tiny_models):
+@pytest.mark.parametrize("engine_core", ["process", "thread"])
+def test_server_metrics_count_drafts(tiny_models, engine_core):
     pytest.importorskip("fastapi")
     pytest.importorskip("openai")
     from live_server import MODEL_NAME, LiveServer
 
     path = tiny_models["llama"]
-    server = LiveServer(path, max_model_len=80, max_num_seqs=4,
+    server = LiveServer(path, engine_core=engine_core, max_model_len=80, max_num_seqs=4,
                         speculative=spec_config("draft_self", path, None, k=3))
     try:
         reply = server.client().completions.create(model=MODEL_NAME, prompt=PROMPTS[0],

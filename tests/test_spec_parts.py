@@ -208,8 +208,6 @@ def test_spec_needs_synchronous_steps():
 # ---- statistics and metrics ---------------------------------------------------------------------
 def test_stats_and_prometheus_counters():
     pytest.importorskip("prometheus_client")
-    from types import SimpleNamespace
-
     from loom.scheduler import SchedulerStats
     from loom.server.metrics import Metrics
 
@@ -219,11 +217,11 @@ def test_stats_and_prometheus_counters():
     assert stats.acceptance_rate == 0.5 and stats.mean_accepted_length == 2.5
     assert stats.accepted_per_position == [1, 1, 1, 0]
     metrics = Metrics("m", speculative=True)
-    engine = SimpleNamespace(scheduler=SimpleNamespace(stats=lambda: SchedulerStats(
-        spec_decode=stats)))
-    metrics.on_step(engine, [])
+    # The scheduler's figures after each step carry a copy of the running totals.
+    metrics.on_step(SchedulerStats(spec_decode=stats.copy()), [])
     stats.observe(3, 3)
-    metrics.on_step(engine, [])
+    metrics.on_step(None, [])                   # an abort: no scheduler figures
+    metrics.on_step(SchedulerStats(spec_decode=stats.copy()), [])
     text = metrics.render().decode()
     for name, value in (("loom:spec_decode_num_drafts_total", 3),
                         ("loom:spec_decode_num_draft_tokens_total", 9),

@@ -1,6 +1,7 @@
 """A tensor-parallel rank that dies takes the server to its error state, never to a hang: the
 request in flight fails, /health turns 503, later requests fail at once naming the rank. The
-engine spawns its second rank itself here, as `loom serve --tensor-parallel-size 2` does."""
+engine core spawns its second rank itself here, as `loom serve --tensor-parallel-size 2` does,
+with the core in a process of its own or in a thread of the server's."""
 from __future__ import annotations
 
 import pytest
@@ -14,22 +15,23 @@ import time
 
 import openai
 
-from live_server import MODEL_NAME, LiveServer, slowed
+from live_server import MODEL_NAME, LiveServer
 
 LONG = dict(model=MODEL_NAME, prompt="Once upon a time", max_tokens=200, temperature=0,
             extra_body={"ignore_eos": True})
 
 
-def test_a_killed_rank_fails_the_request_and_health(tiny_models):
-    server = LiveServer(tiny_models["llama"], tensor_parallel_size=2, max_model_len=256,
-                        max_num_seqs=4)
+@pytest.mark.parametrize("engine_core", ["process", "thread"])
+def test_a_killed_rank_fails_the_request_and_health(tiny_models, engine_core):
+    server = LiveServer(tiny_models["llama"], engine_core=engine_core, tensor_parallel_size=2,
+                        max_model_len=256, max_num_seqs=4)
     try:
-        server.engine.step = slowed(server.engine.step, 0.02)     # 200 tokens: seconds
+        server.set_step_delay(0.02)                                # 200 tokens: seconds
         client = server.client(timeout=30)
         stream = client.completions.create(stream=True, **LONG)
         assert next(iter(stream)).choices                          # both ranks are serving
-        rank1 = server.engine.executor.world.processes[0]
-        os.kill(rank1.pid, signal.SIGKILL)
+        (rank1,) = server.call_core("rank_pids")
+        os.kill(rank1, signal.SIGKILL)
         start = time.monotonic()
         with pytest.raises(openai.APIError):
             list(stream)

@@ -84,7 +84,7 @@ def run_requests(engine: Engine, prompts: list[list[int]], params: SamplingParam
     stamps, started, done, counts = [], set(), {}, {}
     tokens: dict[str, list[int]] = {i: [] for i in ids}
     first_token_step = prefill_steps = None
-    engine.step_records = []
+    engine.core.step_records = []
     while engine.has_unfinished_requests():
         # No synchronize here: with async scheduling a step's outputs are those of the step
         # before, already finished on the device, and a sync would serialize host and device.
@@ -102,7 +102,7 @@ def run_requests(engine: Engine, prompts: list[list[int]], params: SamplingParam
             first_token_step = len(stamps) - 1
         if prefill_steps is None and len(started) == len(prompts):
             prefill_steps = len(stamps)
-    records, engine.step_records = engine.step_records, None
+    records, engine.core.step_records = engine.core.step_records, None
     return Run(start, stamps[-1], stamps, first_token_step, prefill_steps, list(done.values()),
                records, counts, [tokens[i] for i in ids])
 

@@ -28,10 +28,9 @@ logger = logging.getLogger("loom")
 
 
 def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
-    """The app around an AsyncEngine; its lifespan starts the engine thread and shuts it down."""
+    """The app around an AsyncEngine; its lifespan starts serving and shuts the engine down."""
     serving = OpenAIServing(engine, settings)
-    metrics = Metrics(settings.model_names[0],
-                      speculative=getattr(engine.engine, "speculative", None) is not None)
+    metrics = Metrics(settings.model_names[0], speculative=engine.info.speculative)
     engine.on_step = metrics.on_step
 
     @asynccontextmanager
@@ -94,7 +93,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
 
     @app.get("/version")
     async def version():
-        return {"version": __version__, "platform": engine.engine.platform.describe()}
+        return {"version": __version__, "platform": engine.info.platform}
 
     return app
 

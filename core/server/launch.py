@@ -9,9 +9,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from pathlib import Path
 
-from loom.config import EngineConfig
+from loom.config import ENGINE_CORE_MODES, EngineConfig
 
 logger = logging.getLogger("loom")
 
@@ -30,6 +31,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                             "the tokenizer's")
     group.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
                        help="on SIGTERM, how long requests in flight may take to finish")
+    group.add_argument("--engine-core", choices=ENGINE_CORE_MODES, default="process",
+                       help="where the engine core (scheduler, KV cache, model) steps: a process "
+                            "of its own (default: it never waits for the GIL of the HTTP side) "
+                            "or a thread of the server's process (for debugging)")
     group.add_argument("--uvicorn-log-level", default="info",
                        choices=["critical", "error", "warning", "info", "debug", "trace"])
 
@@ -48,19 +53,27 @@ def main(config: EngineConfig, args: argparse.Namespace) -> int:
     import uvicorn
 
     from loom.async_engine import AsyncEngine
-    from loom.engine import Engine
+    from loom.core_loop import EngineStartupError
     from loom.server.app import DrainingServer, build_app
     from loom.server.serving import ServerSettings
 
     chat_template = read_chat_template(args.chat_template)   # fail before loading the model
-    engine = Engine(config)
-    settings = ServerSettings(model_names=args.served_model_name or [config.model],
-                              model_root=str(engine.resolved.model_path),
-                              api_key=args.api_key or None, chat_template=chat_template)
-    app = build_app(AsyncEngine(engine), settings)
-    logger.info("loom: serving %s on http://%s:%d", ", ".join(settings.model_names), args.host,
-                args.port)
-    DrainingServer(uvicorn.Config(app, host=args.host, port=args.port,
-                                  log_level=args.uvicorn_log_level,
-                                  timeout_graceful_shutdown=args.shutdown_timeout)).run()
+    try:
+        engine = AsyncEngine(config, engine_core=args.engine_core)
+    except EngineStartupError as e:
+        print(f"loom: error: {e}", file=sys.stderr)
+        return 1
+    try:
+        settings = ServerSettings(model_names=args.served_model_name or [config.model],
+                                  model_root=engine.info.model_path,
+                                  api_key=args.api_key or None, chat_template=chat_template)
+        app = build_app(engine, settings)
+        logger.info("loom: serving %s on http://%s:%d (engine core in a %s)",
+                    ", ".join(settings.model_names), args.host, args.port, args.engine_core)
+        DrainingServer(uvicorn.Config(app, host=args.host, port=args.port,
+                                      log_level=args.uvicorn_log_level,
+                                      timeout_graceful_shutdown=args.shutdown_timeout)).run()
+    finally:
+        if engine.client.alive:                 # the server never started, or failed
+            engine.shutdown(timeout=args.shutdown_timeout)
     return 0

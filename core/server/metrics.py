@@ -1,9 +1,10 @@
 """Prometheus metrics, named as vLLM names them with a ``loom:`` prefix.
 
-Metrics.on_step runs in the engine thread after every step: it sets the scheduler gauges,
-turns the scheduler's running totals into counter increments, and times each request's tokens
-(TTFT, inter-token latency, end-to-end) from the outputs of the step. With speculative decoding
-it also counts drafts, draft tokens and accepted tokens (in all and by draft position).
+Metrics.on_step runs on the event loop after every step's outputs arrive: it sets the scheduler
+gauges, turns the scheduler's running totals into counter increments, and times each request's
+tokens (TTFT, inter-token latency, end-to-end) from the outputs of the step. With speculative
+decoding it also counts drafts, draft tokens and accepted tokens (in all and by draft position),
+from the totals the scheduler's figures carry.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, 
                                generate_latest)
 
 from loom.outputs import RequestOutput
+from loom.scheduler import SchedulerStats
 from loom.spec_decode.stats import SpecDecodeStats
 
 TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
@@ -86,9 +88,15 @@ class Metrics:
                 ["model_name", "position"], registry=r)
         self._spec_before = SpecDecodeStats()
 
-    def on_step(self, engine, outputs: list[RequestOutput]) -> None:
-        """In the engine thread, after each step (and each abort)."""
-        stats = engine.scheduler.stats()
+    def on_step(self, stats: SchedulerStats | None, outputs: list[RequestOutput]) -> None:
+        """After each step (the scheduler's figures then) and each abort (stats None)."""
+        if stats is not None:
+            self._set_scheduler_figures(stats)
+        now = time.monotonic()
+        for out in outputs:
+            self._observe(out, now)
+
+    def _set_scheduler_figures(self, stats: SchedulerStats) -> None:
         self.running.set(stats.num_running)
         self.waiting.set(stats.num_waiting)
         self.kv_usage.set(stats.kv_cache_usage)
@@ -99,9 +107,6 @@ class Metrics:
             self._totals[name] = total
         if self.spec_counters is not None and stats.spec_decode is not None:
             self._count_spec(stats.spec_decode)
-        now = time.monotonic()
-        for out in outputs:
-            self._observe(out, now)
 
     def _count_spec(self, totals: SpecDecodeStats) -> None:
         new = totals.since(self._spec_before)

@@ -3,7 +3,6 @@ a response, whole (a dict) or as server-sent events (an async iterator of ``data
 from __future__ import annotations
 
 import asyncio
-import copy
 import json
 import time
 import uuid
@@ -70,12 +69,10 @@ class OpenAIServing:
     def __init__(self, engine: AsyncEngine, settings: ServerSettings):
         self.engine = engine
         self.settings = settings
-        core = engine.engine
-        self.max_model_len = core.max_model_len
-        self.vocab_size = core.model_config.vocab_size
-        # A copy of its own: the engine thread detokenizes with the original meanwhile.
-        self.tokenizer = copy.deepcopy(core.tokenizer) if core.tokenizer is not None else None
-        generation = core.generation_config
+        self.max_model_len = engine.info.max_model_len
+        self.vocab_size = engine.info.vocab_size
+        self.tokenizer = engine.tokenizer       # used on the event loop only, as the engine's
+        generation = engine.generation_config
         self.defaults = {k: generation[k] for k in GENERATION_DEFAULTS
                          if generation.get(k) is not None}
 

@@ -8,11 +8,11 @@ from loom.spec_decode.config import SpeculativeConfig
 from loom.spec_decode.proposer import Proposer
 
 if TYPE_CHECKING:
-    from loom.engine import Engine
+    from loom.engine_core import EngineCore
     from loom.plugin_manager import PluginManager
 
 
-def build_proposer(spec: SpeculativeConfig, engine: "Engine", pm: "PluginManager",
+def build_proposer(spec: SpeculativeConfig, engine: "EngineCore", pm: "PluginManager",
                    attn_cls) -> Proposer:
     k = spec.num_speculative_tokens
     if spec.method == "ngram":

@@ -127,7 +127,7 @@ def load_draft_runner(spec, engine, pm, attn_cls) -> ModelRunner:
     the target; its own weights, dtype and quantization. Refuses a draft whose vocabulary
     differs from the target's."""
     from loom.config import ConfigError
-    from loom.engine import DTYPES, resolve_model_path
+    from loom.engine_core import DTYPES, resolve_model_path
     from loom.loader import TOKENIZER_FILES, load_tokenizer
     from loom.model_config import ModelConfig
 
@@ -142,8 +142,10 @@ def load_draft_runner(spec, engine, pm, attn_cls) -> ModelRunner:
             f"config key 'speculative.model': the draft's vocabulary has {mc.vocab_size} tokens, "
             f"the target's {target.vocab_size}; a draft model must share the target's tokenizer")
     has_tokenizer = any((path / name).is_file() for name in TOKENIZER_FILES)
-    if engine.tokenizer is not None and has_tokenizer:
-        if load_tokenizer(path).get_vocab() != engine.tokenizer.get_vocab():
+    if has_tokenizer and not engine.config.skip_tokenizer_init:
+        # The core has no tokenizer of its own: the target's is loaded for this check only.
+        target_tokenizer = load_tokenizer(engine.config.tokenizer or r.model_path)
+        if load_tokenizer(path).get_vocab() != target_tokenizer.get_vocab():
             raise ConfigError(f"config key 'speculative.model': the tokenizer in {str(path)!r} "
                               "differs from the target's; a draft model must share it")
     if mc.max_position_embeddings < r.max_model_len:
