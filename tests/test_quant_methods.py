@@ -376,6 +376,7 @@ KIT_CONFIGS = {
                  "input_activations": {"type": "int", "num_bits": 8, "strategy": "tensor",
                                        "dynamic": False, "symmetric": False}}}},
     "fp8": {"quant_method": "fp8", "weight_block_size": [128, 128]},
+    "int8": None,   # quantizes an unquantized checkpoint while loading
 }
 
 
