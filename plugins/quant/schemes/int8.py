@@ -26,7 +26,7 @@ def quantize_act(x: torch.Tensor, scale, zero) -> torch.Tensor:
 
 
 def quantize_weight(w: torch.Tensor, per_channel: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 weight [N, K] and its fp32 scale max|w| / 127: [N, 1] per channel, else 0-d."""
+    """Symmetric int8 weight [N, K] and its fp32 scale max|w| / 127 ([N, 1] per channel, or 0-d)."""
     w = w.float()
     scale = w.abs().amax(1, keepdim=True) if per_channel else w.abs().amax()
     scale = scale.clamp(min=1e-12) / QMAX
