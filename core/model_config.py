@@ -60,6 +60,8 @@ class ModelConfig:
         config = cls.from_dict(read_json(config_file), load_generation_config(path),
                                source=str(config_file))
         config.model_dir = str(path)
+        if config.quantization_config is None:
+            config.quantization_config = _legacy_quantize_config(path)
         return config
 
     @classmethod
@@ -105,6 +107,19 @@ class ModelConfig:
             quantization_config=get("quantization_config", dict, None),
             hf_config=hf,
         )
+
+
+def _legacy_quantize_config(path: Path) -> dict | None:
+    """AutoGPTQ's quantize_config.json, which older GPTQ checkpoints have instead of a
+    quantization_config in config.json; without quant_method it is GPTQ when it has bits and
+    group_size."""
+    file = path / "quantize_config.json"
+    if not file.is_file():
+        return None
+    config = read_json(file)
+    if "quant_method" not in config and "bits" in config and "group_size" in config:
+        config["quant_method"] = "gptq"
+    return config
 
 
 class _Getter:

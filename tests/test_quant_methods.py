@@ -1,12 +1,14 @@
 """The quantization plugins' configuration: which plugin a checkpoint selects, per-layer choices
 (skip lists, overrides, fused layers), refusals by the platform at start, and the format details
 a fixture does not reach (GPTQ v1 zeros with borrows, ROCm's fnuz fp8, merged int8 ranges, fp8
-quantized while loading, per-tensor fp8 checkpoints)."""
+quantized while loading, int8 quantized while loading, per-tensor fp8 checkpoints, GPTQ settings
+in AutoGPTQ's quantize_config.json)."""
 from __future__ import annotations
 
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,14 +19,15 @@ import torch
 from loom.config import load_config
 from loom.engine import Engine
 from loom.hookspecs import hookimpl
+from loom.model_config import ModelConfig
 from loom.plugin_manager import PluginManager
 from loom.plugins.platform.cpu import CpuPlatform
 from loom.plugins.quant.schemes.base import Dense
 from loom.plugins.quant.schemes.fp8 import to_fnuz
-from loom.plugins.quant.schemes.int8 import merge_ranges
+from loom.plugins.quant.schemes.int8 import Int8W8A8, merge_ranges
 from loom.plugins.quant.schemes.wna16 import AWQLayout, GPTQLayout, PackQuantizedLayout, pack_rows
 from quant_reference import activation_qdq, dequantize_dir
-from test_quant_fixtures import generate, logprob_gaps
+from test_quant_fixtures import generate, greedy_equal, logprob_gaps
 
 FIXTURES = Path(__file__).parent / "fixtures" / "quant"
 MANIFEST = json.loads((FIXTURES / "manifest.json").read_text())
@@ -64,6 +67,21 @@ def test_auto_selects_other_spellings(pm, config, expected):
 def test_fp8_by_name_on_an_unquantized_checkpoint_quantizes_while_loading(pm):
     method = pm.quant_method("fp8", None)
     assert method.online and method.for_layer("model.layers.0.mlp.down_proj").weight == "online"
+
+
+def test_int8_by_name_on_an_unquantized_checkpoint_quantizes_while_loading(pm):
+    scheme = pm.quant_method("int8", None).for_layer("model.layers.0.self_attn.qkv_proj")
+    assert isinstance(scheme, Int8W8A8) and scheme.weight == "online"
+    assert not scheme.static and scheme.symmetric
+    assert pm.quant_method("auto", None).name == "none"
+
+
+@pytest.mark.parametrize("fixture", ["gptq_w4g64_asym", "ct_w8a8_dynamic", "ct_fp8_static"])
+def test_int8_by_name_on_a_quantized_checkpoint_is_refused(pm, fixture):
+    method = fixture_config(fixture)["quant_method"]
+    with pytest.raises(ValueError, match=f"'int8' quantizes an unquantized checkpoint.*already "
+                                         f"quantized with quant_method '{method}'.*'auto'"):
+        pm.quant_method("int8", fixture_config(fixture))
 
 
 @pytest.mark.parametrize("name", ["gptq", "awq", "auto-round", "compressed-tensors"])
@@ -275,10 +293,49 @@ def test_fp8_quantized_while_loading(tiny_models):
     assert sum(g < 1e-4 for g in gaps) >= len(gaps) / 2 and max(gaps) < 0.1
 
 
+def int8_qdq(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """x through symmetric int8 with one scale max|x| / 127 per slice along ``dim``."""
+    scale = x.abs().amax(dim, keepdim=True).clamp(min=1e-12) / 127
+    return torch.round(x / scale).clamp(-128, 127) * scale
+
+
+def test_int8_quantized_while_loading(tiny_models):
+    """Weights per channel, activations per token, both symmetric int8: greedy tokens and
+    log-probs of the model quantized the same way in plain torch; a small but real error
+    against the unquantized model (the control that quantization happened)."""
+    path = tiny_models["llama"]
+    model = hf(path)
+    completions = generate(path, quantization="int8")
+    gaps = logprob_gaps(completions, model)
+    assert 1e-3 < max(gaps) < 0.5
+    for name, module in model.named_modules():
+        if name.endswith("proj"):
+            module.weight.data = int8_qdq(module.weight.data, 1)
+            module.register_forward_pre_hook(lambda m, a: (int8_qdq(a[0], -1),))
+    assert greedy_equal(completions, model)
+    assert max(logprob_gaps(completions, model)) < 1e-4
+
+
+def test_gptq_settings_in_autogptq_quantize_config_json(tmp_path):
+    """An older AutoGPTQ checkpoint: no quantization_config in config.json, its settings in
+    quantize_config.json without quant_method; ``auto`` reads it as GPTQ."""
+    name = "gptq_w4g32_sym_descact"
+    path = tmp_path / name
+    shutil.copytree(FIXTURES / name, path)
+    config = json.loads((path / "config.json").read_text())
+    settings = config.pop("quantization_config")
+    (path / "config.json").write_text(json.dumps(config))
+    legacy = {k: settings[k] for k in ("bits", "group_size", "desc_act", "sym")}
+    legacy |= {"true_sequential": True, "model_name_or_path": None,
+               "model_file_base_name": "model"}
+    (path / "quantize_config.json").write_text(json.dumps(legacy))
+    assert ModelConfig.from_dir(path).quantization_config == legacy | {"quant_method": "gptq"}
+    assert generate(path) == generate(FIXTURES / name)
+
+
 def write_per_tensor_fp8(src: Path, dst: Path, scale_shape: tuple) -> Path:
     """An fp8 per-tensor checkpoint with static input scales (AutoFP8's layout, which no tool
     installable here writes) from an unquantized tiny model: per-shard weight scales differ."""
-    import shutil
     from safetensors.torch import load_file, save_file
     shutil.copytree(src, dst)
     tensors = load_file(dst / "model.safetensors")
@@ -319,6 +376,7 @@ KIT_CONFIGS = {
                  "input_activations": {"type": "int", "num_bits": 8, "strategy": "tensor",
                                        "dynamic": False, "symmetric": False}}}},
     "fp8": {"quant_method": "fp8", "weight_block_size": [128, 128]},
+    "int8": None,   # quantizes an unquantized checkpoint while loading
 }
 
 

@@ -1,5 +1,6 @@
-"""INT8 W8A8: int8 weights with per-channel (or per-tensor) scales; int8 activations quantized
-statically (one scale, and a zero point when asymmetric, per tensor) or dynamically per token.
+"""INT8 W8A8: int8 weights with per-channel (or per-tensor) scales, or float weights quantized
+per channel while loading (``online``); int8 activations quantized statically (one scale, and a
+zero point when asymmetric, per tensor) or dynamically per token.
 
 After loading: ``w_int8`` [N, K], ``w_scale`` [N] (per-tensor scales of fused shards become
 per-channel ones), static ``a_scale``/``a_zero`` (the shards' input ranges merged into one that
@@ -22,6 +23,14 @@ def quantize_act(x: torch.Tensor, scale, zero) -> torch.Tensor:
     """round(clamp(x / scale + zero)), as compressed-tensors quantizes."""
     q = x.float() / scale
     return torch.round((q if zero is None else q + zero).clamp(QMIN, QMAX)).to(torch.int8)
+
+
+def quantize_weight(w: torch.Tensor, per_channel: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 weight [N, K] and its fp32 scale max|w| / 127 ([N, 1] per channel, or 0-d)."""
+    w = w.float()
+    scale = w.abs().amax(1, keepdim=True) if per_channel else w.abs().amax()
+    scale = scale.clamp(min=1e-12) / QMAX
+    return torch.round(w / scale).clamp(QMIN, QMAX).to(torch.int8), scale
 
 
 def dynamic_params(x: torch.Tensor, symmetric: bool):
@@ -49,19 +58,27 @@ def merge_ranges(scales: torch.Tensor, zeros: torch.Tensor | None):
 
 
 class Int8W8A8(Scheme):
-    """``weight``: channel | tensor; ``static``: a checkpoint input scale (else per token);
-    ``symmetric``: activations without a zero point."""
+    """``weight``: channel | tensor | online (float weights quantized per channel after loading);
+    ``static``: a checkpoint input scale (else per token); ``symmetric``: activations without a
+    zero point."""
 
     name = "int8"
 
     def __init__(self, weight: str, static: bool, symmetric: bool):
-        if weight not in ("channel", "tensor"):
+        if weight not in ("channel", "tensor", "online"):
             raise ValueError(f"int8 W8A8: unsupported weight scales {weight!r}")
+        if weight == "online" and static:
+            raise ValueError("int8 W8A8: weights quantized while loading go with dynamic "
+                             "activations")
         self.weight, self.static, self.symmetric = weight, static, symmetric
 
     def create_weights(self, layer, input_size, output_sizes, bias, params_dtype):
         n = sum(output_sizes)
         self.add_bias(layer, bias, params_dtype)
+        if self.weight == "online":
+            self.new_param(layer, "weight", (n, input_size), params_dtype, output_dim=0,
+                           input_dim=1)
+            return
         self.new_param(layer, "weight", (n, input_size), torch.int8, output_dim=0, input_dim=1)
         if self.weight == "channel":
             self.new_param(layer, "weight_scale", (n, 1), torch.float32, output_dim=0)
@@ -78,11 +95,10 @@ class Int8W8A8(Scheme):
     def quantize(self, weight):
         """What an offline quantizer writes for the conformance kit; a static input range
         covers inputs in [-16, 16]."""
-        w = weight.float()
-        scale = w.abs().amax(1, keepdim=True) if self.weight == "channel" else w.abs().amax()
-        scale = scale.clamp(min=1e-12) / QMAX
-        tensors = {"weight": torch.round(w / scale).clamp(QMIN, QMAX).to(torch.int8),
-                   "weight_scale": scale}
+        if self.weight == "online":
+            return {"weight": weight}
+        w_int8, scale = quantize_weight(weight, self.weight == "channel")
+        tensors = {"weight": w_int8, "weight_scale": scale}
         if self.static:
             tensors["input_scale"] = torch.tensor(16 / QMAX, device=weight.device)
             if not self.symmetric:
@@ -90,17 +106,23 @@ class Int8W8A8(Scheme):
         return tensors
 
     def process_after_loading(self, layer):
-        scale = layer.weight_scale.data.float()
-        if self.weight == "tensor":
-            scale = scale.repeat_interleave(torch.tensor(layer.output_sizes, device=scale.device))
+        weight, scale = self.weight_and_scale(layer)
         a_scale = a_zero = None
         if self.static:
             zeros = None if self.symmetric else layer.input_zero_point.data.float()
             a_scale, a_zero = merge_ranges(layer.input_scale.data.float(), zeros)
-        weight = layer.weight.data
         w_sum = None if self.symmetric else weight.sum(1, dtype=torch.int32).float()
         self.replace(layer, w_int8=weight, w_scale=scale.view(-1).contiguous(), a_scale=a_scale,
                      a_zero=a_zero, w_sum=w_sum)
+
+    def weight_and_scale(self, layer) -> tuple[torch.Tensor, torch.Tensor]:
+        """The int8 weight [N, K] and its fp32 scale, one per output row."""
+        if self.weight == "online":
+            return quantize_weight(layer.weight.data, per_channel=True)
+        scale = layer.weight_scale.data.float()
+        if self.weight == "tensor":
+            scale = scale.repeat_interleave(torch.tensor(layer.output_sizes, device=scale.device))
+        return layer.weight.data, scale
 
     def act_params(self, layer, x: torch.Tensor):
         if self.static:
