@@ -3,8 +3,8 @@ cache: on a GPU when there is one, else through triton's interpreter on the CPU.
 import pytest
 import torch
 
-from triton_interpreter import (DEVICE, interpreter_bf16_dot, interpreter_fp8_rounding,  # noqa: F401
-                                tl, triton)
+from triton_interpreter import (DEVICE, interpreter_bf16_dot,  # noqa: F401
+                                interpreter_fp8_rounding, tl, triton)
 
 from loom.ops import quantize_fp8  # noqa: E402
 from loom.plugins.attention.torch_ref import TorchRefAttention  # noqa: E402

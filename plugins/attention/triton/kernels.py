@@ -126,8 +126,8 @@ def _prefill_attention(out_ptr, q_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr
     full_end = (context_len + q_block * BLOCK_Q) // TILE * TILE
     block_table_ptr = block_tables_ptr + seq.to(tl.int64) * bt_stride
     acc, m_i, l_i = _attend(q, cache_ptr, block_table_ptr, kv_head, 0, full_end, kv_end, q_pos,
-                            scale_log2, v_scale, c_stride_kv, c_stride_block, c_stride_off, c_stride_h,
-                            BLOCK_M, HEAD_SIZE, HEAD_PAD, BLOCK_SIZE, TILE)
+                            scale_log2, v_scale, c_stride_kv, c_stride_block, c_stride_off,
+                            c_stride_h, BLOCK_M, HEAD_SIZE, HEAD_PAD, BLOCK_SIZE, TILE)
     acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     o_offs = (q_start + tok)[:, None] * o_stride_t + head[:, None] * o_stride_h + d[None, :]
     tl.store(out_ptr + o_offs, acc.to(out_ptr.dtype.element_ty),
@@ -167,7 +167,8 @@ def _decode_attention(out_ptr, part_out_ptr, part_lse_ptr, q_ptr, cache_ptr, blo
     block_table_ptr = block_tables_ptr + seq.to(tl.int64) * bt_stride
     acc, m_i, l_i = _attend(q, cache_ptr, block_table_ptr, kv_head, kv_start, full_end, kv_end,
                             q_pos, scale_log2, v_scale, c_stride_kv, c_stride_block,
-                            c_stride_off, c_stride_h, BLOCK_H, HEAD_SIZE, HEAD_PAD, BLOCK_SIZE, TILE)
+                            c_stride_off, c_stride_h, BLOCK_H, HEAD_SIZE, HEAD_PAD, BLOCK_SIZE,
+                            TILE)
     acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     if NUM_SPLITS == 1:
         o_offs = seq * o_stride_t + head[:, None] * o_stride_h + d[None, :]
@@ -226,9 +227,9 @@ def prefill_attention(out, q, kv_cache, block_tables, seq_lens, query_start_loc,
     _prefill_attention[grid](
         out, q, kv_cache, block_tables, seq_lens, query_start_loc, first_seq, num_seqs,
         scale * k_scale * LOG2_E, float(v_scale), q.stride(0), q.stride(1), out.stride(0),
-        out.stride(1), block_tables.stride(0), *_cache_strides(kv_cache), GROUP=group, HEAD_SIZE=head_size,
-        HEAD_PAD=_pad(head_size), BLOCK_SIZE=kv_cache.shape[2], BLOCK_M=block_m, BLOCK_Q=block_q,
-        TILE=tile, num_warps=num_warps)
+        out.stride(1), block_tables.stride(0), *_cache_strides(kv_cache), GROUP=group,
+        HEAD_SIZE=head_size, HEAD_PAD=_pad(head_size), BLOCK_SIZE=kv_cache.shape[2],
+        BLOCK_M=block_m, BLOCK_Q=block_q, TILE=tile, num_warps=num_warps)
 
 
 def decode_attention(out, q, kv_cache, block_tables, seq_lens, num_seqs: int, scale: float,
@@ -247,11 +248,11 @@ def decode_attention(out, q, kv_cache, block_tables, seq_lens, num_seqs: int, sc
                                device=q.device)
     _decode_attention[(num_seqs, num_kv_heads, num_splits)](
         out, part_out, part_lse, q, kv_cache, block_tables, seq_lens, scale * k_scale * LOG2_E,
-        float(v_scale), q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
-        *_cache_strides(kv_cache), NUM_HEADS=num_heads, GROUP=num_heads // num_kv_heads,
-        HEAD_SIZE=head_size, HEAD_PAD=_pad(head_size), BLOCK_SIZE=kv_cache.shape[2],
-        BLOCK_H=_pad(num_heads // num_kv_heads), TILE=tile, NUM_SPLITS=num_splits,
-        num_warps=num_warps)
+        float(v_scale), q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        block_tables.stride(0), *_cache_strides(kv_cache), NUM_HEADS=num_heads,
+        GROUP=num_heads // num_kv_heads, HEAD_SIZE=head_size, HEAD_PAD=_pad(head_size),
+        BLOCK_SIZE=kv_cache.shape[2], BLOCK_H=_pad(num_heads // num_kv_heads), TILE=tile,
+        NUM_SPLITS=num_splits, num_warps=num_warps)
     if num_splits > 1:
         _reduce_splits[(num_seqs, num_heads)](
             out, part_out, part_lse, out.stride(0), out.stride(1), NUM_HEADS=num_heads,
