@@ -5,6 +5,10 @@ The model runner lays a step's tokens out flat, decodes first: sequence i owns q
 ``seq_lens[i]`` cache slots (through ``block_tables[i]``). Its queries are the *last* tokens of
 those ``seq_lens[i]`` positions, causal among themselves. A backend declares the shape of one
 layer's KV cache; the core allocates it through the platform and hands the backend views.
+
+An fp8 KV cache (``kv-cache-dtype: fp8``) holds K/V quantized per tensor: stored = x / scale,
+clamped to the fp8 range; read back as stored * scale in fp32. The cache tensor's dtype says
+which kind a backend got; its ``k_scale``/``v_scale`` are the scales.
 """
 from __future__ import annotations
 
@@ -43,6 +47,7 @@ class AttentionBackend:
     supports_graphs: bool = False             # forward may be captured in a device graph
     supports_verify_graphs: bool = False      # ... also for (k+1)-token speculative verify steps
     unavailable: str | None = None            # set: registered only to say what is missing
+    supported_kv_cache_dtypes: tuple[str, ...] = ("auto",)   # kv-cache-dtype values it takes
 
     @classmethod
     def is_supported(cls, platform) -> bool:
@@ -63,6 +68,8 @@ class AttentionBackend:
         self.scale = scale
         self.dtype = dtype
         self.device = device
+        self.k_scale = 1.0      # fp8 caches: stored K = K / k_scale (one scale for all layers)
+        self.v_scale = 1.0
 
     def build_metadata(self, common: AttentionMetadata):
         """Per-step, outside any graph: turn the common metadata into what forward takes."""
@@ -88,6 +95,23 @@ class AttentionBackend:
         another sequence of the same step fills (n > 1 siblings, shared prefixes).
         """
         raise NotImplementedError
+
+
+def is_fp8(kv_cache: torch.Tensor) -> bool:
+    """Whether ``kv_cache`` holds fp8 values (quantized by the backend's scales)."""
+    return kv_cache.dtype in FP8_DTYPES
+
+
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e4m3fnuz, torch.float8_e5m2)
+
+
+def kv_cache_torch_dtype(kv_cache_dtype: str, dtype: torch.dtype, platform) -> torch.dtype:
+    """The element type of the KV cache for the config's ``kv-cache-dtype``: the model dtype
+    for "auto", the platform's fp8 type for "fp8"."""
+    if kv_cache_dtype == "auto":
+        return dtype
+    assert kv_cache_dtype == "fp8" and platform.fp8_dtype is not None, kv_cache_dtype
+    return platform.fp8_dtype
 
 
 def unavailable_backend(name: str, reason: str) -> type[AttentionBackend]:

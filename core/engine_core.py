@@ -69,10 +69,6 @@ def resolve_model_path(model: str) -> Path:
     return path
 
 
-# Config keys whose other values later versions implement; refused rather than ignored.
-NOT_YET = {"kv_cache_dtype": ("auto", "only 'auto' (the model dtype) in this version")}
-
-
 def check_tensor_parallel_size(size: int, mc: ModelConfig) -> None:
     """Every rank gets the same number of query heads, of MLP columns, and KV heads split
     evenly or shared evenly (replicated when there are fewer than ranks)."""
@@ -89,11 +85,22 @@ def check_tensor_parallel_size(size: int, mc: ModelConfig) -> None:
             f"MLP size {mc.intermediate_size}); use one of {', '.join(map(str, valid))}")
 
 
+def check_kv_cache_dtype(kv_cache_dtype: str, platform, attn_cls) -> None:
+    """An fp8 KV cache needs a platform with an fp8 type and a backend that reads it."""
+    if kv_cache_dtype == "auto":
+        return
+    if platform.fp8_dtype is None:
+        raise ConfigError(f"config key 'kv-cache-dtype': {kv_cache_dtype} needs fp8, which "
+                          f"{platform.describe()} does not have; use auto")
+    if kv_cache_dtype not in attn_cls.supported_kv_cache_dtypes:
+        raise ConfigError(
+            f"config key 'kv-cache-dtype': attention backend {attn_cls.name!r} supports "
+            f"{', '.join(attn_cls.supported_kv_cache_dtypes)}, not {kv_cache_dtype}; choose "
+            "another value, or an attention-backend that supports it (triton, torch)")
+
+
 def resolve(config: EngineConfig, platform, attn_cls) -> ResolvedConfig:
-    for key, (supported, why) in NOT_YET.items():
-        if getattr(config, key) != supported:
-            raise ConfigError(f"config key '{key.replace('_', '-')}': {why}, got "
-                              f"{getattr(config, key)!r}")
+    check_kv_cache_dtype(config.kv_cache_dtype, platform, attn_cls)
     path = resolve_model_path(config.model)
     mc = ModelConfig.from_dir(path)
     check_tensor_parallel_size(config.tensor_parallel_size, mc)

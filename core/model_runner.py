@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from loom.attention import AttentionBackend, AttentionMetadata
+from loom.attention import AttentionBackend, AttentionMetadata, kv_cache_torch_dtype
 from loom.config import EngineConfig
 from loom.cuda_graphs import DecodeGraphs
 from loom.distributed.group import SINGLE, TensorParallelGroup, building
@@ -131,6 +131,7 @@ class ModelRunner:
         self.device_index = device_index
         self.device = platform.device(device_index)
         self.dtype = dtype
+        self.kv_cache_dtype = kv_cache_torch_dtype(config.kv_cache_dtype, dtype, platform)
         self.block_size = block_size
         self.max_model_len = max_model_len
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -168,7 +169,7 @@ class ModelRunner:
     def kv_block_bytes(self) -> int:
         mc = self.model_config
         shape = self.attn.kv_cache_shape(1, self.block_size, self.num_kv_heads, mc.head_dim)
-        per_layer = int(np.prod(shape)) * torch.empty((), dtype=self.dtype).element_size()
+        per_layer = int(np.prod(shape)) * self.kv_cache_dtype.itemsize
         extra = self.proposer.kv_block_bytes() if self.proposer is not None else 0
         return per_layer * mc.num_hidden_layers + extra
 
@@ -188,8 +189,9 @@ class ModelRunner:
         else:
             budget = self.profile_kv_budget()
         num_blocks = max(budget // block_bytes, 0)
-        logger.info("KV cache: %d blocks of %d tokens = %d tokens, %.2f GB", num_blocks,
-                    self.block_size, num_blocks * self.block_size, num_blocks * block_bytes / 1e9)
+        logger.info("KV cache: %d blocks of %d tokens = %d tokens, %.2f GB, %s", num_blocks,
+                    self.block_size, num_blocks * self.block_size, num_blocks * block_bytes / 1e9,
+                    self.kv_cache_dtype)
         return num_blocks
 
     def profile_kv_budget(self) -> int:
@@ -241,7 +243,7 @@ class ModelRunner:
         mc = self.model_config
         shape = self.attn.kv_cache_shape(num_blocks, self.block_size, self.num_kv_heads,
                                          mc.head_dim)
-        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.kv_caches = [torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device)
                           for _ in range(mc.num_hidden_layers)]
         self.num_blocks = num_blocks
 

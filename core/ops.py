@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from loom.attention import is_fp8
 from loom.hookspecs import hookimpl
 
 
@@ -47,22 +48,37 @@ class FusedOps:
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
     def write_kv(self, kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 slot_mapping: torch.Tensor) -> None:
-        write_kv(kv_cache, k, v, slot_mapping)
+                 slot_mapping: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+        write_kv(kv_cache, k, v, slot_mapping, k_scale, v_scale)
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
+             slot_mapping: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
     """Store k/v [T, KVH, D] into kv_cache [2, num_blocks, block_size, KVH, D] at flat slots
-    (block * block_size + offset); slot -1 (padding) is skipped."""
+    (block * block_size + offset); slot -1 (padding) is skipped. An fp8 cache gets
+    quantize_fp8(k, k_scale) and quantize_fp8(v, v_scale)."""
     slots = slot_mapping[:k.shape[0]]
     valid = slots >= 0
     if not bool(valid.all()):
         slots, k, v = slots[valid], k[valid], v[valid]
+    if is_fp8(kv_cache):
+        k, v = quantize_fp8(k, k_scale, kv_cache.dtype), quantize_fp8(v, v_scale, kv_cache.dtype)
+        kv_cache, k, v = kv_cache.view(torch.uint8), k.view(torch.uint8), v.view(torch.uint8)
     key_cache = kv_cache[0].view(-1, *kv_cache.shape[-2:])
     value_cache = kv_cache[1].view(-1, *kv_cache.shape[-2:])
     key_cache.index_copy_(0, slots, k.to(key_cache.dtype))
     value_cache.index_copy_(0, slots, v.to(value_cache.dtype))
+
+
+def quantize_fp8(x: torch.Tensor, scale: float, fp8_dtype: torch.dtype) -> torch.Tensor:
+    """x / scale in fp32, clamped to the range of ``fp8_dtype``, rounded to it."""
+    limit = torch.finfo(fp8_dtype).max
+    return (x.float() / scale).clamp(-limit, limit).to(fp8_dtype)
+
+
+def dequantize_fp8(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """fp8 values back to fp32: x * scale."""
+    return x.float() * scale
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

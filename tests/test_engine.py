@@ -325,13 +325,6 @@ def test_n_siblings_share_the_prompt_blocks(tiny_models, hf_reference):
     assert [c.token_ids for c in outs["0"].outputs] == [ref] * 4
 
 
-@pytest.mark.parametrize("key, value", [("kv_cache_dtype", "fp8")])
-def test_settings_not_yet_available_are_refused(tiny_models, key, value):
-    from loom.config import ConfigError
-    with pytest.raises(ConfigError, match=f"config key '{key.replace('_', '-')}'"):
-        make_llm(tiny_models["llama"], **{key: value})
-
-
 def test_speculative_with_tensor_parallel_is_refused(tiny_models):
     from loom.config import ConfigError
     with pytest.raises(ConfigError, match="config key 'speculative': not available with "

@@ -35,6 +35,7 @@ PAGE_SIZE = 256
 class FlashAttnAttention(AttentionBackend):
     name = "flash_attn"
     supported_dtypes = (torch.float16, torch.bfloat16)
+    supported_kv_cache_dtypes = ("auto",)     # no fp8 KV cache in this version
     required_block_size = PAGE_SIZE
     supports_graphs = True
     supports_verify_graphs = True

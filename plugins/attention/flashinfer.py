@@ -70,6 +70,7 @@ class FlashInferMetadata:
 class FlashInferAttention(AttentionBackend):
     name = "flashinfer"
     supported_dtypes = (torch.float16, torch.bfloat16)
+    supported_kv_cache_dtypes = ("auto",)     # no fp8 KV cache in this version
     supports_graphs = True
 
     @classmethod

@@ -1,14 +1,15 @@
 """torch_ref: paged attention in plain torch, on any device. The reference twin of every backend.
 
 KV-cache layout of one layer: [2, num_blocks, block_size, num_kv_heads, head_size] (K then V).
+An fp8 cache is dequantized (fp32 * scale) as it is gathered.
 """
 from __future__ import annotations
 
 import torch
 
-from loom.attention import AttentionBackend, AttentionMetadata
+from loom.attention import AttentionBackend, AttentionMetadata, is_fp8
 from loom.hookspecs import hookimpl
-from loom.ops import write_kv
+from loom.ops import dequantize_fp8, write_kv
 
 
 def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int):
@@ -38,13 +39,14 @@ def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) 
 
 class TorchRefAttention(AttentionBackend):
     name = "torch"
+    supported_kv_cache_dtypes = ("auto", "fp8")
 
     @staticmethod
     def kv_cache_shape(num_blocks, block_size, num_kv_heads, head_size):
         return (2, num_blocks, block_size, num_kv_heads, head_size)
 
     def forward(self, q, k, v, kv_cache, metadata: AttentionMetadata):
-        write_kv(kv_cache, k, v, metadata.slot_mapping)
+        write_kv(kv_cache, k, v, metadata.slot_mapping, self.k_scale, self.v_scale)
         out = torch.zeros_like(q)
         starts = metadata.query_start_loc_cpu.tolist()
         seq_lens = metadata.seq_lens_cpu.tolist()
@@ -53,6 +55,9 @@ class TorchRefAttention(AttentionBackend):
             if end == start:
                 continue
             keys, values = gather_kv(kv_cache, metadata.block_tables[i], seq_lens[i])
+            if is_fp8(kv_cache):
+                keys = dequantize_fp8(keys, self.k_scale)
+                values = dequantize_fp8(values, self.v_scale)
             out[start:end] = attend_one(q[start:end], keys, values, self.scale)
         return out
 

@@ -9,6 +9,7 @@ kernel. Graph safety: for a decode-only batch the grids and constexprs depend on
 num_decodes, the model's shapes, the block size and the *width* of the block table (which bounds
 the context, and is a fixed buffer when a graph is captured); no host values (max_seq_len,
 max_query_len, the *_cpu tensors) are read and nothing syncs. Other batches run eagerly.
+An fp8 cache (kv-cache-dtype: fp8) is quantized by write_kv and read back inside the kernels.
 """
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ class TritonAttention(AttentionBackend):
     name = "triton"
     supports_graphs = True
     supports_verify_graphs = True
+    supported_kv_cache_dtypes = ("auto", "fp8")
 
     @classmethod
     def is_supported(cls, platform) -> bool:
@@ -69,7 +71,7 @@ class TritonAttention(AttentionBackend):
         self.kv_splits: int | None = None    # fixed split count (a power of two); None: heuristic
 
     def forward(self, q, k, v, kv_cache, metadata: AttentionMetadata):
-        self.write_kv(kv_cache, k, v, metadata.slot_mapping)
+        self.write_kv(kv_cache, k, v, metadata.slot_mapping, self.k_scale, self.v_scale)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         if metadata.num_decodes:
             self._decode(out, q, kv_cache, metadata)
@@ -84,7 +86,8 @@ class TritonAttention(AttentionBackend):
         splits = self.kv_splits or num_kv_splits(num_decodes * self.num_kv_heads, max_context,
                                                   self.num_sms)
         self.kernels.decode_attention(out, q, kv_cache, metadata.block_tables, metadata.seq_lens,
-                                      num_decodes, self.scale, splits, DECODE_TILE, DECODE_WARPS)
+                                      num_decodes, self.scale, splits, DECODE_TILE, DECODE_WARPS,
+                                      self.k_scale, self.v_scale)
 
     def _prefill(self, out, q, kv_cache, metadata: AttentionMetadata) -> None:
         """The sequences after the decodes; eager, so it may size its launch by host values."""
@@ -95,4 +98,5 @@ class TritonAttention(AttentionBackend):
         self.kernels.prefill_attention(
             out, q, kv_cache, metadata.block_tables, metadata.seq_lens, metadata.query_start_loc,
             num_decodes, metadata.num_seqs, metadata.num_tokens - num_decodes, self.scale,
-            PREFILL_BLOCK_M if long_chunks else MIN_BLOCK_M, PREFILL_TILE, PREFILL_WARPS)
+            PREFILL_BLOCK_M if long_chunks else MIN_BLOCK_M, PREFILL_TILE, PREFILL_WARPS,
+            self.k_scale, self.v_scale)

@@ -2,6 +2,10 @@
 KV cache: attention for mixed batches, and split-KV decode with its reduction (the cache write
 is the fused ops plugin's ``write_kv`` kernel, shared with the other backends).
 
+An fp8 cache is read as fp8 and converted to the query's dtype (exact: every e4m3 value is a
+bf16/fp16 value); its scales are folded in, k_scale into the softmax scale and v_scale into
+the output, which equals dequantizing each loaded value to fp32 * scale.
+
 Rows of a program's query tile are (token, query head) pairs of one KV head's group, so every
 K/V tile is loaded once per group. Softmax runs online in base 2, accumulating in fp32.
 Plain Triton 3.x language only (run on triton 3.6 on an H200 and 3.9's interpreter).
@@ -11,6 +15,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+LOG2_E = 1.4426950408889634
 
 
 @triton.jit
@@ -28,9 +34,9 @@ def _attend_tile(acc, m_i, l_i, q, cache_ptr, block_table_ptr, kv_head, start, k
     block = tl.load(block_table_ptr + n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
     offs = block * c_stride_block + (n % BLOCK_SIZE) * c_stride_off + kv_head * c_stride_h
     k = tl.load(cache_ptr + offs[None, :] + d[:, None], mask=n_ok[None, :] & d_ok[:, None],
-                other=0.0)
+                other=0.0).to(q.dtype)
     v = tl.load(cache_ptr + c_stride_kv + offs[:, None] + d[None, :],
-                mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+                mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(q.dtype)
     s = tl.dot(q, k, input_precision="ieee") * scale_log2
     if MASK:
         s = tl.where(n_ok[None, :] & (n[None, :] <= q_pos[:, None]), s, float("-inf"))
@@ -46,11 +52,12 @@ def _attend_tile(acc, m_i, l_i, q, cache_ptr, block_table_ptr, kv_head, start, k
 
 @triton.jit
 def _attend(q, cache_ptr, block_table_ptr, kv_head, kv_start, full_end, kv_end, q_pos,
-            scale_log2, c_stride_kv, c_stride_block, c_stride_off, c_stride_h,
+            scale_log2, v_scale, c_stride_kv, c_stride_block, c_stride_off, c_stride_h,
             ROWS: tl.constexpr, HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,
             BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr):
     """Attention state (acc, m, l) of the rows q over keys [kv_start, kv_end), causal to q_pos;
-    keys below full_end (kv_start plus whole tiles) are visible to every row and go unmasked."""
+    keys below full_end (kv_start plus whole tiles) are visible to every row and go unmasked.
+    acc comes out multiplied by v_scale (the V scale of an fp8 cache, else 1)."""
     acc = tl.zeros([ROWS, HEAD_PAD], dtype=tl.float32)
     m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([ROWS], dtype=tl.float32)
@@ -64,7 +71,7 @@ def _attend(q, cache_ptr, block_table_ptr, kv_head, kv_start, full_end, kv_end, 
                                      start, kv_end, q_pos, scale_log2, c_stride_kv,
                                      c_stride_block, c_stride_off, c_stride_h,
                                      HEAD_SIZE, HEAD_PAD, BLOCK_SIZE, TILE, True)
-    return acc, m_i, l_i
+    return acc * v_scale, m_i, l_i
 
 
 @triton.jit
@@ -84,7 +91,7 @@ def _find_seq(query_start_ptr, first_seq, num_seqs, base, pid, BLOCK_Q: tl.const
 
 @triton.jit
 def _prefill_attention(out_ptr, q_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr,
-                       query_start_ptr, first_seq, num_seqs, scale_log2,
+                       query_start_ptr, first_seq, num_seqs, scale_log2, v_scale,
                        q_stride_t, q_stride_h, o_stride_t, o_stride_h, bt_stride,
                        c_stride_kv, c_stride_block, c_stride_off, c_stride_h,
                        GROUP: tl.constexpr, HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,
@@ -119,8 +126,8 @@ def _prefill_attention(out_ptr, q_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr
     full_end = (context_len + q_block * BLOCK_Q) // TILE * TILE
     block_table_ptr = block_tables_ptr + seq.to(tl.int64) * bt_stride
     acc, m_i, l_i = _attend(q, cache_ptr, block_table_ptr, kv_head, 0, full_end, kv_end, q_pos,
-                            scale_log2, c_stride_kv, c_stride_block, c_stride_off, c_stride_h,
-                            BLOCK_M, HEAD_SIZE, HEAD_PAD, BLOCK_SIZE, TILE)
+                            scale_log2, v_scale, c_stride_kv, c_stride_block, c_stride_off,
+                            c_stride_h, BLOCK_M, HEAD_SIZE, HEAD_PAD, BLOCK_SIZE, TILE)
     acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     o_offs = (q_start + tok)[:, None] * o_stride_t + head[:, None] * o_stride_h + d[None, :]
     tl.store(out_ptr + o_offs, acc.to(out_ptr.dtype.element_ty),
@@ -129,7 +136,7 @@ def _prefill_attention(out_ptr, q_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr
 
 @triton.jit
 def _decode_attention(out_ptr, part_out_ptr, part_lse_ptr, q_ptr, cache_ptr, block_tables_ptr,
-                      seq_lens_ptr, scale_log2,
+                      seq_lens_ptr, scale_log2, v_scale,
                       q_stride_t, q_stride_h, o_stride_t, o_stride_h, bt_stride,
                       c_stride_kv, c_stride_block, c_stride_off, c_stride_h,
                       NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_SIZE: tl.constexpr,
@@ -159,8 +166,9 @@ def _decode_attention(out_ptr, part_out_ptr, part_lse_ptr, q_ptr, cache_ptr, blo
     full_end = kv_start + (kv_end - kv_start) // TILE * TILE
     block_table_ptr = block_tables_ptr + seq.to(tl.int64) * bt_stride
     acc, m_i, l_i = _attend(q, cache_ptr, block_table_ptr, kv_head, kv_start, full_end, kv_end,
-                            q_pos, scale_log2, c_stride_kv, c_stride_block, c_stride_off,
-                            c_stride_h, BLOCK_H, HEAD_SIZE, HEAD_PAD, BLOCK_SIZE, TILE)
+                            q_pos, scale_log2, v_scale, c_stride_kv, c_stride_block,
+                            c_stride_off, c_stride_h, BLOCK_H, HEAD_SIZE, HEAD_PAD, BLOCK_SIZE,
+                            TILE)
     acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     if NUM_SPLITS == 1:
         o_offs = seq * o_stride_t + head[:, None] * o_stride_h + d[None, :]
@@ -207,9 +215,9 @@ def _pad(n: int) -> int:
 
 def prefill_attention(out, q, kv_cache, block_tables, seq_lens, query_start_loc, first_seq: int,
                       num_seqs: int, num_tokens: int, scale: float, block_m: int, tile: int,
-                      num_warps: int) -> None:
+                      num_warps: int, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
     """Sequences first_seq..num_seqs-1, holding num_tokens query tokens: each query chunk,
-    causal, over its cached prefix and itself."""
+    causal, over its cached prefix and itself. k_scale/v_scale: an fp8 cache's scales."""
     _, num_heads, head_size = q.shape
     num_kv_heads = kv_cache.shape[3]
     group = num_heads // num_kv_heads
@@ -218,16 +226,18 @@ def prefill_attention(out, q, kv_cache, block_tables, seq_lens, query_start_loc,
     grid = (num_tokens // block_q + num_seqs - first_seq, num_kv_heads)
     _prefill_attention[grid](
         out, q, kv_cache, block_tables, seq_lens, query_start_loc, first_seq, num_seqs,
-        scale * 1.4426950408889634, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        block_tables.stride(0), *_cache_strides(kv_cache), GROUP=group, HEAD_SIZE=head_size,
-        HEAD_PAD=_pad(head_size), BLOCK_SIZE=kv_cache.shape[2], BLOCK_M=block_m, BLOCK_Q=block_q,
-        TILE=tile, num_warps=num_warps)
+        scale * k_scale * LOG2_E, float(v_scale), q.stride(0), q.stride(1), out.stride(0),
+        out.stride(1), block_tables.stride(0), *_cache_strides(kv_cache), GROUP=group,
+        HEAD_SIZE=head_size, HEAD_PAD=_pad(head_size), BLOCK_SIZE=kv_cache.shape[2],
+        BLOCK_M=block_m, BLOCK_Q=block_q, TILE=tile, num_warps=num_warps)
 
 
 def decode_attention(out, q, kv_cache, block_tables, seq_lens, num_seqs: int, scale: float,
-                     num_splits: int, tile: int, num_warps: int) -> None:
+                     num_splits: int, tile: int, num_warps: int, k_scale: float = 1.0,
+                     v_scale: float = 1.0) -> None:
     """Sequences 0..num_seqs-1, decodes (token i is sequence i's query), each one's keys cut
-    into num_splits (a power of two) ranges. The grid depends only on num_seqs and num_splits."""
+    into num_splits (a power of two) ranges. The grid depends only on num_seqs and num_splits.
+    k_scale/v_scale: an fp8 cache's scales."""
     _, num_heads, head_size = q.shape
     num_kv_heads = kv_cache.shape[3]
     part_out = part_lse = out
@@ -237,12 +247,12 @@ def decode_attention(out, q, kv_cache, block_tables, seq_lens, num_seqs: int, sc
         part_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32,
                                device=q.device)
     _decode_attention[(num_seqs, num_kv_heads, num_splits)](
-        out, part_out, part_lse, q, kv_cache, block_tables, seq_lens, scale * 1.4426950408889634,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
-        *_cache_strides(kv_cache), NUM_HEADS=num_heads, GROUP=num_heads // num_kv_heads,
-        HEAD_SIZE=head_size, HEAD_PAD=_pad(head_size), BLOCK_SIZE=kv_cache.shape[2],
-        BLOCK_H=_pad(num_heads // num_kv_heads), TILE=tile, NUM_SPLITS=num_splits,
-        num_warps=num_warps)
+        out, part_out, part_lse, q, kv_cache, block_tables, seq_lens, scale * k_scale * LOG2_E,
+        float(v_scale), q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        block_tables.stride(0), *_cache_strides(kv_cache), NUM_HEADS=num_heads,
+        GROUP=num_heads // num_kv_heads, HEAD_SIZE=head_size, HEAD_PAD=_pad(head_size),
+        BLOCK_SIZE=kv_cache.shape[2], BLOCK_H=_pad(num_heads // num_kv_heads), TILE=tile,
+        NUM_SPLITS=num_splits, num_warps=num_warps)
     if num_splits > 1:
         _reduce_splits[(num_seqs, num_heads)](
             out, part_out, part_lse, out.stride(0), out.stride(1), NUM_HEADS=num_heads,

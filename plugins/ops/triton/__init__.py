@@ -36,8 +36,8 @@ class TritonFusedOps(FusedOps):
     def rotary(self, positions, q, k, cos_sin_cache):
         return self.kernels.rotary(positions, q, k, cos_sin_cache)
 
-    def write_kv(self, kv_cache, k, v, slot_mapping):
-        self.kernels.write_kv(kv_cache, k, v, slot_mapping)
+    def write_kv(self, kv_cache, k, v, slot_mapping, k_scale=1.0, v_scale=1.0):
+        self.kernels.write_kv(kv_cache, k, v, slot_mapping, k_scale, v_scale)
 
 
 @hookimpl

@@ -1,6 +1,7 @@
 """Triton kernels for the fused ops: RMSNorm (optionally with the residual add), SiLU-and-mul
 and rotate-half rotary. fp32 math; results rounded where the torch twin rounds. And the paged
-KV-cache write by slot mapping, for a [2, num_blocks, block_size, num_kv_heads, head_size] cache.
+KV-cache write by slot mapping, for a [2, num_blocks, block_size, num_kv_heads, head_size] cache
+(quantizing to fp8 by per-tensor scales when the cache is fp8).
 
 Graph safety: grids and constexprs depend only on tensor shapes, strides and dtypes.
 Only Triton APIs available since 3.0 are used.
@@ -10,6 +11,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from loom.attention import is_fp8
 
 SILU_BLOCK = 1024   # columns per silu_and_mul program
 
@@ -137,12 +140,12 @@ def rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
 
 
 @triton.jit
-def _write_kv_kernel(k_ptr, v_ptr, cache_ptr, slot_ptr,
+def _write_kv_kernel(k_ptr, v_ptr, cache_ptr, slot_ptr, k_scale, v_scale, fp8_max,
                      k_stride_t, k_stride_h, v_stride_t, v_stride_h,
                      c_stride_kv, c_stride_block, c_stride_off, c_stride_h,
                      NUM_KV_HEADS: tl.constexpr, HEAD_SIZE: tl.constexpr,
                      BLOCK_SIZE: tl.constexpr, HEADS_PAD: tl.constexpr,
-                     HEAD_PAD: tl.constexpr):
+                     HEAD_PAD: tl.constexpr, FP8: tl.constexpr):
     token = tl.program_id(0)
     slot = tl.load(slot_ptr + token).to(tl.int64)
     if slot < 0:
@@ -152,18 +155,25 @@ def _write_kv_kernel(k_ptr, v_ptr, cache_ptr, slot_ptr,
     mask = (h < NUM_KV_HEADS) & (d < HEAD_SIZE)
     k = tl.load(k_ptr + token * k_stride_t + h * k_stride_h + d, mask=mask)
     v = tl.load(v_ptr + token * v_stride_t + h * v_stride_h + d, mask=mask)
+    if FP8:
+        k = tl.minimum(tl.maximum(k.to(tl.float32) / k_scale, -fp8_max), fp8_max)
+        v = tl.minimum(tl.maximum(v.to(tl.float32) / v_scale, -fp8_max), fp8_max)
     dst = (cache_ptr + (slot // BLOCK_SIZE) * c_stride_block + (slot % BLOCK_SIZE) * c_stride_off
            + h * c_stride_h + d)
     tl.store(dst, k.to(cache_ptr.dtype.element_ty), mask=mask)
     tl.store(dst + c_stride_kv, v.to(cache_ptr.dtype.element_ty), mask=mask)
 
 
-def write_kv(kv_cache, k, v, slot_mapping) -> None:
-    """Store k/v [T, KVH, D] at flat slots (block * block_size + offset); slot -1 is skipped."""
+def write_kv(kv_cache, k, v, slot_mapping, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+    """Store k/v [T, KVH, D] at flat slots (block * block_size + offset); slot -1 is skipped.
+    An fp8 cache gets x / scale clamped to the fp8 range, as the torch twin stores it."""
     num_tokens, num_kv_heads, head_size = k.shape
     assert k.stride(-1) == 1 and v.stride(-1) == 1 and kv_cache.stride(-1) == 1
+    fp8 = is_fp8(kv_cache)
+    fp8_max = torch.finfo(kv_cache.dtype).max if fp8 else 0.0
     _write_kv_kernel[(num_tokens,)](
-        k, v, kv_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k, v, kv_cache, slot_mapping, float(k_scale), float(v_scale), float(fp8_max),
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         *kv_cache.stride()[:4], NUM_KV_HEADS=num_kv_heads, HEAD_SIZE=head_size,
         BLOCK_SIZE=kv_cache.shape[2], HEADS_PAD=triton.next_power_of_2(num_kv_heads),
-        HEAD_PAD=triton.next_power_of_2(head_size))
+        HEAD_PAD=triton.next_power_of_2(head_size), FP8=fp8)
