@@ -145,7 +145,7 @@ class ModelRunner:
         with building(tp):
             self.model = load_model(mc, model_cls, quant_method, self.attn, dtype, self.device,
                                     config.load_format, seed=config.seed)
-        self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        self.weight_bytes = _weight_bytes(self.model)
         self.decode_weight_bytes = self.weight_bytes - _gathered_bytes(self.model)
         logger.info("weights: %.2f GB, loaded in %.1f s", self.weight_bytes / 1e9,
                     time.perf_counter() - start)
@@ -488,6 +488,14 @@ class ModelRunner:
                 out[start:start + real] = q[:real]
             start += num + 1
         return out
+
+
+def _weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the weights: parameters, and the buffers quantized layers keep them in (packed
+    ints, scales), but not the rotary cos/sin table, of which a step reads only its rows."""
+    tensors = list(model.parameters()) + [b for name, b in model.named_buffers()
+                                          if not name.endswith("cos_sin_cache")]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _gathered_bytes(model: torch.nn.Module) -> int:

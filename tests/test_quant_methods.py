@@ -389,3 +389,16 @@ def test_conformance_kit(name, tmp_path):
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
         env={k: v for k, v in os.environ.items() if k != "LOOM_PLUGINS"})
     assert proc.returncode == 0 and "7 passed" in proc.stdout, proc.stdout[-3000:]
+
+
+def test_weight_bytes_count_quantized_buffers(tiny_models):
+    """The roofline's bytes per step include weights that quantized layers keep in buffers."""
+    from loom import LLM
+    path = tiny_models["llama"]
+    full = LLM(str(path), kv_cache_memory_gb=0.05).engine.executor.runner
+    int8 = LLM(str(path), quantization="int8", kv_cache_memory_gb=0.05).engine.executor.runner
+    linear = sum(m.weight.numel() for n, m in full.model.named_modules()
+                 if n.endswith("proj") and hasattr(m, "weight"))   # the head stays float
+    # float32 linears -> int8 (+ per-channel scales): about 3 bytes a weight fewer
+    saved = full.weight_bytes - int8.weight_bytes
+    assert 2.9 * linear < saved < 3.0 * linear
