@@ -12,9 +12,14 @@ which kind a backend got; its ``k_scale``/``v_scale`` are the scales.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
+
+from loom import ops
+
+logger = logging.getLogger("loom")
 
 
 @dataclass
@@ -121,3 +126,15 @@ def unavailable_backend(name: str, reason: str) -> type[AttentionBackend]:
     return type(f"Unavailable_{name}", (AttentionBackend,), {
         "name": name, "unavailable": reason,
         "is_supported": classmethod(lambda cls, platform: False)})
+
+
+def fused_kv_writer(backend: AttentionBackend):
+    """For backends that write the KV cache through the active fused ops: their ``write_kv``.
+    When it syncs with the host (the torch twin), the backend's decode graphs are turned off,
+    and a line says so."""
+    fused = ops.active()
+    if not fused.graph_safe_write_kv and backend.supports_graphs:
+        backend.supports_graphs = False
+        logger.info("%s: fused ops %r write the KV cache with a host sync; decode graphs are off",
+                    backend.name, fused.name)
+    return fused.write_kv

@@ -50,3 +50,25 @@ def test_paged_kv_pads_empty_sequences_with_one_finite_slot():
     assert kv.indices.tolist() == [6, 1, 0, 0]
     assert kv.last_page_len.tolist() == [4, 1, 1]
     assert block_tables[1].tolist() == [8, 8], "the caller's table is left as it was"
+
+
+def test_fused_kv_writer_turns_graphs_off_for_a_syncing_write():
+    from loom import ops
+    from loom.attention import AttentionBackend, fused_kv_writer
+    from loom.ops import FusedOps
+
+    class Backend(AttentionBackend):
+        name, supports_graphs = "b", True
+
+    class GraphSafe(FusedOps):
+        graph_safe_write_kv = True
+
+    before = ops.active()
+    try:
+        for fused, graphs in ((FusedOps(), False), (GraphSafe(), True)):
+            ops.use(fused)
+            backend = Backend(4, 2, 8, 1.0, torch.float32, torch.device("cpu"))
+            assert fused_kv_writer(backend) == fused.write_kv
+            assert backend.supports_graphs is graphs and Backend.supports_graphs is True
+    finally:
+        ops.use(before)

@@ -12,13 +12,12 @@ Registered only when ``import flash_attn`` works; otherwise a placeholder says w
 """
 from __future__ import annotations
 
-import logging
 
 import torch
 import torch.nn.functional as F
 
-from loom import ops
-from loom.attention import AttentionBackend, AttentionMetadata, unavailable_backend
+from loom.attention import (AttentionBackend, AttentionMetadata, fused_kv_writer,
+                            unavailable_backend)
 from loom.hookspecs import hookimpl
 
 try:
@@ -28,7 +27,6 @@ except ImportError as exc:
     MISSING = (f"the flash_attn package does not import ({exc}); install it with "
                f"`pip install flash-attn --no-build-isolation` (see docs/attention.md)")
 
-logger = logging.getLogger("loom")
 PAGE_SIZE = 256
 
 
@@ -50,11 +48,7 @@ class FlashAttnAttention(AttentionBackend):
 
     def __init__(self, num_heads, num_kv_heads, head_size, scale, dtype, device):
         super().__init__(num_heads, num_kv_heads, head_size, scale, dtype, device)
-        self.write_kv = ops.active().write_kv
-        if not ops.active().graph_safe_write_kv:
-            self.supports_graphs = False
-            logger.info("flash_attn: fused ops %r write the KV cache with a host sync; decode "
-                        "graphs are off", ops.active().name)
+        self.write_kv = fused_kv_writer(self)
 
     def forward(self, q, k, v, kv_cache, metadata: AttentionMetadata):
         self.write_kv(kv_cache, k, v, metadata.slot_mapping)

@@ -14,13 +14,12 @@ Registered only when ``import flashinfer`` works; otherwise a placeholder says w
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
 
-from loom import ops
-from loom.attention import AttentionBackend, AttentionMetadata, unavailable_backend
+from loom.attention import (AttentionBackend, AttentionMetadata, fused_kv_writer,
+                            unavailable_backend)
 from loom.hookspecs import hookimpl
 
 try:
@@ -30,7 +29,6 @@ except ImportError as exc:          # the package, or one of its own dependencie
     MISSING = (f"the flashinfer package does not import ({exc}); install it with "
                f"`pip install flashinfer-python` (see docs/attention.md)")
 
-logger = logging.getLogger("loom")
 WORKSPACE_BYTES = 256 * 1024 * 1024     # FlashInfer's split-KV scratch, shared by the wrappers
 
 
@@ -83,11 +81,7 @@ class FlashInferAttention(AttentionBackend):
 
     def __init__(self, num_heads, num_kv_heads, head_size, scale, dtype, device):
         super().__init__(num_heads, num_kv_heads, head_size, scale, dtype, device)
-        self.write_kv = ops.active().write_kv
-        if not ops.active().graph_safe_write_kv:
-            self.supports_graphs = False
-            logger.info("flashinfer: fused ops %r write the KV cache with a host sync; decode "
-                        "graphs are off", ops.active().name)
+        self.write_kv = fused_kv_writer(self)
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
         self.decode_wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD")
         self.prefill_wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace,
