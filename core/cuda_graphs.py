@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from loom.attention import AttentionMetadata
+from loom.attention import AttentionBackend, AttentionMetadata
 
 if TYPE_CHECKING:
     from loom.model_runner import HostBatch, ModelRunner
@@ -54,6 +54,8 @@ class DecodeGraphs:
                      for name, t in self._buffers().items()}
         self.copied = torch.Event(device=dev)     # the last step's copies out of staging
         self.graphs: dict[int, tuple[object, torch.Tensor, object]] = {}
+        # Only backends that plan on the host need the step's host metadata before a replay.
+        self.plans = type(runner.attn).plan_replay is not AttentionBackend.plan_replay
 
     def _buffers(self) -> dict[str, torch.Tensor]:
         return {"input_ids": self.input_ids, "positions": self.positions,
@@ -126,7 +128,8 @@ class DecodeGraphs:
         self.copied.record()
         self.runner.fill_placeholders(self.input_ids, hb)
         graph, out, metadata = self.graphs[size]
-        step = self._common(size, h["seq_lens"][:size], h["block_tables"][:size, :width])
-        self.runner.attn.plan_replay(metadata, step)
+        if self.plans:
+            step = self._common(size, h["seq_lens"][:size], h["block_tables"][:size, :width])
+            self.runner.attn.plan_replay(metadata, step)
         graph.replay()
         return out[:tokens]
