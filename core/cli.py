@@ -38,12 +38,19 @@ def _torchrun_worker(config) -> bool:
     return True
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
+def _config_to_run(args: argparse.Namespace):
+    """The config, or None where nothing is left to run here: --print-config printed it, or
+    this process was a torchrun worker rank and has served its engine."""
     config = config_from_args(args)
     if args.print_config:
         print(config.to_yaml(), end="")
-        return 0
-    if _torchrun_worker(config):
+        return None
+    return None if _torchrun_worker(config) else config
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    config = _config_to_run(args)
+    if config is None:
         return 0
     from loom.llm import LLM
     from loom.sampling_params import SamplingParams
@@ -96,13 +103,8 @@ def cmd_bench(sub) -> None:
 
 
 def _run_with_config(module, args: argparse.Namespace) -> int:
-    config = config_from_args(args)
-    if args.print_config:
-        print(config.to_yaml(), end="")
-        return 0
-    if _torchrun_worker(config):
-        return 0
-    return module.main(config, args)
+    config = _config_to_run(args)
+    return 0 if config is None else module.main(config, args)
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
