@@ -4,6 +4,10 @@
 against the ceilings measured in the same run (copy bandwidth, bf16 matmul TFLOP/s).
 
     python benchmarks/attention_backends.py --backends triton flashinfer flash_attn --out X.json
+    python benchmarks/attention_backends.py --backends triton --fp8 --out X.json
+
+--fp8 adds, for triton, the same cases over an fp8 (e4m3fn) cache, read through each of the
+kernels' fp8 conversions ("bits": moved into fp16's bits; "cast": the plain conversion).
 """
 from __future__ import annotations
 
@@ -42,9 +46,13 @@ def block_size(cls) -> int:
     return cls.required_block_size or 16
 
 
+CACHE_DTYPE = DT     # the benchmark's KV cache dtype (DT, or float8_e4m3fn with --fp8)
+
+
 def inputs(cls, batch, dev):
     md, nb = build_metadata(batch, block_size(cls), dev)
     cache = random_cache(cls.kv_cache_shape(nb, block_size(cls), KVH, D), DT, dev)
+    cache = cache.to(CACHE_DTYPE)
     q, k, v = (t.contiguous() for t in random_qkv(md.num_tokens, H, KVH, D, DT, dev))
     return md, cache, q, k, v
 
@@ -79,9 +87,20 @@ def prefill_us(cls, chunk, prefix, seqs, dev) -> tuple[float, float]:
     return do_bench(lambda: backend.forward(q, k, v, cache, planned), warmup=10, rep=50) * 1e3, plan_us
 
 
+def set_kv(kv: str) -> None:
+    """The cache dtype and, for fp8, the triton kernels' conversion of variant ``kv``."""
+    global CACHE_DTYPE
+    CACHE_DTYPE = DT if kv == "bf16" else torch.float8_e4m3fn
+    if kv != "bf16":
+        from loom.plugins.attention.triton import kernels
+        kernels.FP8_CONVERSION = kv.removeprefix("fp8-")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--backends", nargs="+", default=["triton", "flashinfer", "flash_attn"])
+    ap.add_argument("--fp8", action="store_true",
+                    help="also triton over an fp8 cache, with each fp8 conversion")
     ap.add_argument("--out")
     args = ap.parse_args()
     dev = torch.device("cuda")
@@ -90,16 +109,20 @@ def main() -> None:
     result = {"device": torch.cuda.get_device_name(), "heads": [H, KVH, D], "dtype": "bf16",
               "ceilings": ceilings(dev), "rows": []}
     print(json.dumps(result["ceilings"]), flush=True)
-    for name in args.backends:
+    variants = [(name, "bf16") for name in args.backends]
+    if args.fp8:
+        variants += [("triton", "fp8-bits"), ("triton", "fp8-cast")]
+    for name, kv in variants:
         cls = pm.get("attention_backend", name)
         if getattr(cls, "unavailable", None):
             print(f"{name}: {cls.unavailable}", file=sys.stderr)
             continue
+        set_kv(kv)
         t0 = time.time()
         for batch, ctx in DECODE:
             us = decode_us(cls, batch, ctx, dev)
-            gbs = batch * ctx * KVH * D * 2 * 2 / us / 1e3
-            row = dict(backend=name, kind="decode", batch=batch, context=ctx, us=round(us, 1),
+            gbs = batch * ctx * KVH * D * 2 * CACHE_DTYPE.itemsize / us / 1e3
+            row = dict(backend=name, kv=kv, kind="decode", batch=batch, context=ctx, us=round(us, 1),
                        GBps=round(gbs), of_copy=round(gbs / result["ceilings"]["copy_GBps"], 3))
             result["rows"].append(row)
             print(json.dumps(row), flush=True)
@@ -107,12 +130,12 @@ def main() -> None:
             us, plan_us = prefill_us(cls, chunk, prefix, seqs, dev)
             flops = seqs * 4 * H * D * (prefix * chunk + chunk * (chunk + 1) // 2)
             tf = flops / us / 1e6
-            row = dict(backend=name, kind="prefill", chunk=chunk, prefix=prefix, seqs=seqs,
+            row = dict(backend=name, kv=kv, kind="prefill", chunk=chunk, prefix=prefix, seqs=seqs,
                        us=round(us, 1), plan_us=round(plan_us, 1), TFLOPs=round(tf),
                        of_matmul=round(tf / result["ceilings"]["matmul_TFLOPs"], 3))
             result["rows"].append(row)
             print(json.dumps(row), flush=True)
-        print(f"{name}: {time.time() - t0:.0f} s (compiles included)", flush=True)
+        print(f"{name} {kv}: {time.time() - t0:.0f} s (compiles included)", flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

@@ -2,9 +2,13 @@
 KV cache: attention for mixed batches, and split-KV decode with its reduction (the cache write
 is the fused ops plugin's ``write_kv`` kernel, shared with the other backends).
 
-An fp8 cache is read as fp8 and converted to the query's dtype (exact: every e4m3 value is a
-bf16/fp16 value); its scales are folded in, k_scale into the softmax scale and v_scale into
-the output, which equals dequantizing each loaded value to fp32 * scale.
+An fp8 cache is read as fp8 and converted exactly: for bf16/fp16 queries an e4m3fn byte becomes
+fp16 by moving its bits (sign to bit 15, exponent and mantissa shifted left by 7), which reads
+as the value times 2^-8 (normals and subnormals alike) and costs a few integer ops instead of a
+float conversion chain; the tile's dots then run in fp16 with the query converted once. Other
+queries (fp32) convert each value to their dtype. The scales (times 2^8 on the bit path) are
+folded in, k_scale into the softmax scale and v_scale into the output, which equals
+dequantizing each loaded value to fp32 * scale.
 
 Rows of a program's query tile are (token, query head) pairs of one KV head's group, so every
 K/V tile is loaded once per group. Softmax runs online in base 2, accumulating in fp32.
@@ -17,13 +21,26 @@ import triton
 import triton.language as tl
 
 LOG2_E = 1.4426950408889634
+FP8_BITS_FACTOR = 256.0   # an e4m3fn byte moved into fp16's bits reads as value / 2^8
+BIT_PATH_QUERY_DTYPES = (torch.bfloat16, torch.float16)
+FP8_CONVERSION = "bits"   # or "cast": the plain conversion (kept to benchmark the two)
+
+
+@triton.jit
+def _kv_values(x, COMPUTE: tl.constexpr, FP8_BITS: tl.constexpr):
+    """Loaded cache values in the compute dtype: e4m3fn bytes (as uint8) to fp16 holding
+    value / 2^8 on the bit path, else a plain conversion."""
+    if FP8_BITS:
+        b = x.to(tl.int16)
+        return (((b & 0x80) << 8) | ((b & 0x7F) << 7)).to(tl.float16, bitcast=True)
+    return x.to(COMPUTE)
 
 
 @triton.jit
 def _attend_tile(acc, m_i, l_i, q, cache_ptr, block_table_ptr, kv_head, start, kv_end, q_pos,
                  scale_log2, c_stride_kv, c_stride_block, c_stride_off, c_stride_h,
                  HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                 TILE: tl.constexpr, MASK: tl.constexpr):
+                 TILE: tl.constexpr, MASK: tl.constexpr, FP8_BITS: tl.constexpr):
     """Fold keys [start, start + TILE) ∩ [0, kv_end), causal to row positions q_pos, into the
     online-softmax state (acc, m_i, l_i) of the query rows q [BLOCK_M, HEAD_PAD]. Without MASK
     the caller promises every key of the tile is below kv_end and visible to every row."""
@@ -33,10 +50,10 @@ def _attend_tile(acc, m_i, l_i, q, cache_ptr, block_table_ptr, kv_head, start, k
     d_ok = d < HEAD_SIZE
     block = tl.load(block_table_ptr + n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
     offs = block * c_stride_block + (n % BLOCK_SIZE) * c_stride_off + kv_head * c_stride_h
-    k = tl.load(cache_ptr + offs[None, :] + d[:, None], mask=n_ok[None, :] & d_ok[:, None],
-                other=0.0).to(q.dtype)
-    v = tl.load(cache_ptr + c_stride_kv + offs[:, None] + d[None, :],
-                mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(q.dtype)
+    k = _kv_values(tl.load(cache_ptr + offs[None, :] + d[:, None],
+                           mask=n_ok[None, :] & d_ok[:, None], other=0.0), q.dtype, FP8_BITS)
+    v = _kv_values(tl.load(cache_ptr + c_stride_kv + offs[:, None] + d[None, :],
+                           mask=n_ok[:, None] & d_ok[None, :], other=0.0), q.dtype, FP8_BITS)
     s = tl.dot(q, k, input_precision="ieee") * scale_log2
     if MASK:
         s = tl.where(n_ok[None, :] & (n[None, :] <= q_pos[:, None]), s, float("-inf"))
@@ -54,10 +71,11 @@ def _attend_tile(acc, m_i, l_i, q, cache_ptr, block_table_ptr, kv_head, start, k
 def _attend(q, cache_ptr, block_table_ptr, kv_head, kv_start, full_end, kv_end, q_pos,
             scale_log2, v_scale, c_stride_kv, c_stride_block, c_stride_off, c_stride_h,
             ROWS: tl.constexpr, HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,
-            BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr):
+            BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, FP8_BITS: tl.constexpr):
     """Attention state (acc, m, l) of the rows q over keys [kv_start, kv_end), causal to q_pos;
     keys below full_end (kv_start plus whole tiles) are visible to every row and go unmasked.
-    acc comes out multiplied by v_scale (the V scale of an fp8 cache, else 1)."""
+    acc comes out multiplied by v_scale (the V scale of an fp8 cache, else 1). On the fp8 bit
+    path q must already be fp16."""
     acc = tl.zeros([ROWS, HEAD_PAD], dtype=tl.float32)
     m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([ROWS], dtype=tl.float32)
@@ -65,12 +83,12 @@ def _attend(q, cache_ptr, block_table_ptr, kv_head, kv_start, full_end, kv_end, 
         acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, cache_ptr, block_table_ptr, kv_head,
                                      start, kv_end, q_pos, scale_log2, c_stride_kv,
                                      c_stride_block, c_stride_off, c_stride_h,
-                                     HEAD_SIZE, HEAD_PAD, BLOCK_SIZE, TILE, False)
+                                     HEAD_SIZE, HEAD_PAD, BLOCK_SIZE, TILE, False, FP8_BITS)
     for start in range(full_end, kv_end, TILE):
         acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, cache_ptr, block_table_ptr, kv_head,
                                      start, kv_end, q_pos, scale_log2, c_stride_kv,
                                      c_stride_block, c_stride_off, c_stride_h,
-                                     HEAD_SIZE, HEAD_PAD, BLOCK_SIZE, TILE, True)
+                                     HEAD_SIZE, HEAD_PAD, BLOCK_SIZE, TILE, True, FP8_BITS)
     return acc * v_scale, m_i, l_i
 
 
@@ -96,7 +114,7 @@ def _prefill_attention(out_ptr, q_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr
                        c_stride_kv, c_stride_block, c_stride_off, c_stride_h,
                        GROUP: tl.constexpr, HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,
                        BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
-                       TILE: tl.constexpr):
+                       TILE: tl.constexpr, FP8_BITS: tl.constexpr):
     """Grid (query_blocks, num_kv_heads) over sequences first_seq..num_seqs-1: each program
     takes BLOCK_Q query tokens x GROUP heads of one sequence."""
     pid = tl.program_id(0)
@@ -119,6 +137,8 @@ def _prefill_attention(out_ptr, q_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr
     d_ok = d < HEAD_SIZE
     q_offs = (q_start + tok)[:, None] * q_stride_t + head[:, None] * q_stride_h + d[None, :]
     q = tl.load(q_ptr + q_offs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if FP8_BITS:
+        q = q.to(tl.float16)
 
     q_pos = context_len + tok
     kv_end = tl.minimum(seq_len, context_len + (q_block + 1) * BLOCK_Q)
@@ -127,7 +147,7 @@ def _prefill_attention(out_ptr, q_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr
     block_table_ptr = block_tables_ptr + seq.to(tl.int64) * bt_stride
     acc, m_i, l_i = _attend(q, cache_ptr, block_table_ptr, kv_head, 0, full_end, kv_end, q_pos,
                             scale_log2, v_scale, c_stride_kv, c_stride_block, c_stride_off,
-                            c_stride_h, BLOCK_M, HEAD_SIZE, HEAD_PAD, BLOCK_SIZE, TILE)
+                            c_stride_h, BLOCK_M, HEAD_SIZE, HEAD_PAD, BLOCK_SIZE, TILE, FP8_BITS)
     acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     o_offs = (q_start + tok)[:, None] * o_stride_t + head[:, None] * o_stride_h + d[None, :]
     tl.store(out_ptr + o_offs, acc.to(out_ptr.dtype.element_ty),
@@ -141,7 +161,7 @@ def _decode_attention(out_ptr, part_out_ptr, part_lse_ptr, q_ptr, cache_ptr, blo
                       c_stride_kv, c_stride_block, c_stride_off, c_stride_h,
                       NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_SIZE: tl.constexpr,
                       HEAD_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr,
-                      TILE: tl.constexpr, NUM_SPLITS: tl.constexpr):
+                      TILE: tl.constexpr, NUM_SPLITS: tl.constexpr, FP8_BITS: tl.constexpr):
     """Grid (num_seqs, num_kv_heads, NUM_SPLITS): one query token x GROUP heads over one split
     of the keys. With one split the result goes to out; otherwise each split writes its
     normalized partial output and base-2 log-sum-exp for _reduce_splits."""
@@ -161,6 +181,8 @@ def _decode_attention(out_ptr, part_out_ptr, part_lse_ptr, q_ptr, cache_ptr, blo
     mask = h_ok[:, None] & d_ok[None, :]
     q = tl.load(q_ptr + seq * q_stride_t + head[:, None] * q_stride_h + d[None, :], mask=mask,
                 other=0.0)
+    if FP8_BITS:
+        q = q.to(tl.float16)
 
     q_pos = tl.zeros([BLOCK_H], dtype=tl.int32) + seq_len - 1
     full_end = kv_start + (kv_end - kv_start) // TILE * TILE
@@ -168,7 +190,7 @@ def _decode_attention(out_ptr, part_out_ptr, part_lse_ptr, q_ptr, cache_ptr, blo
     acc, m_i, l_i = _attend(q, cache_ptr, block_table_ptr, kv_head, kv_start, full_end, kv_end,
                             q_pos, scale_log2, v_scale, c_stride_kv, c_stride_block,
                             c_stride_off, c_stride_h, BLOCK_H, HEAD_SIZE, HEAD_PAD, BLOCK_SIZE,
-                            TILE)
+                            TILE, FP8_BITS)
     acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     if NUM_SPLITS == 1:
         o_offs = seq * o_stride_t + head[:, None] * o_stride_h + d[None, :]
@@ -203,6 +225,20 @@ def _reduce_splits(out_ptr, part_out_ptr, part_lse_ptr, o_stride_t, o_stride_h,
              mask=d_ok)
 
 
+def fp8_bit_path(kv_cache, q) -> bool:
+    """Whether the kernels read this cache through the e4m3fn-to-fp16 bit path."""
+    return (kv_cache.dtype == torch.float8_e4m3fn and q.dtype in BIT_PATH_QUERY_DTYPES
+            and FP8_CONVERSION == "bits")
+
+
+def _cache_args(kv_cache, q, k_scale: float, v_scale: float):
+    """(cache as the kernels read it, k scale, v scale, FP8_BITS)."""
+    if fp8_bit_path(kv_cache, q):
+        return (kv_cache.view(torch.uint8), k_scale * FP8_BITS_FACTOR,
+                v_scale * FP8_BITS_FACTOR, True)
+    return kv_cache, k_scale, v_scale, False
+
+
 def _cache_strides(kv_cache):
     assert kv_cache.stride(-1) == 1, "the KV cache's head dimension must be contiguous"
     return kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3)
@@ -224,12 +260,13 @@ def prefill_attention(out, q, kv_cache, block_tables, seq_lens, query_start_loc,
     block_m = max(block_m, triton.next_power_of_2(group))
     block_q = block_m // group
     grid = (num_tokens // block_q + num_seqs - first_seq, num_kv_heads)
+    kv_cache, k_scale, v_scale, fp8_bits = _cache_args(kv_cache, q, k_scale, v_scale)
     _prefill_attention[grid](
         out, q, kv_cache, block_tables, seq_lens, query_start_loc, first_seq, num_seqs,
         scale * k_scale * LOG2_E, float(v_scale), q.stride(0), q.stride(1), out.stride(0),
         out.stride(1), block_tables.stride(0), *_cache_strides(kv_cache), GROUP=group,
         HEAD_SIZE=head_size, HEAD_PAD=_pad(head_size), BLOCK_SIZE=kv_cache.shape[2],
-        BLOCK_M=block_m, BLOCK_Q=block_q, TILE=tile, num_warps=num_warps)
+        BLOCK_M=block_m, BLOCK_Q=block_q, TILE=tile, FP8_BITS=fp8_bits, num_warps=num_warps)
 
 
 def decode_attention(out, q, kv_cache, block_tables, seq_lens, num_seqs: int, scale: float,
@@ -241,6 +278,7 @@ def decode_attention(out, q, kv_cache, block_tables, seq_lens, num_seqs: int, sc
     _, num_heads, head_size = q.shape
     num_kv_heads = kv_cache.shape[3]
     part_out = part_lse = out
+    kv_cache, k_scale, v_scale, fp8_bits = _cache_args(kv_cache, q, k_scale, v_scale)
     if num_splits > 1:
         part_out = torch.empty(num_seqs, num_heads, num_splits, head_size, dtype=torch.float32,
                                device=q.device)
@@ -252,7 +290,7 @@ def decode_attention(out, q, kv_cache, block_tables, seq_lens, num_seqs: int, sc
         block_tables.stride(0), *_cache_strides(kv_cache), NUM_HEADS=num_heads,
         GROUP=num_heads // num_kv_heads, HEAD_SIZE=head_size, HEAD_PAD=_pad(head_size),
         BLOCK_SIZE=kv_cache.shape[2], BLOCK_H=_pad(num_heads // num_kv_heads), TILE=tile,
-        NUM_SPLITS=num_splits, num_warps=num_warps)
+        NUM_SPLITS=num_splits, FP8_BITS=fp8_bits, num_warps=num_warps)
     if num_splits > 1:
         _reduce_splits[(num_seqs, num_heads)](
             out, part_out, part_lse, out.stride(0), out.stride(1), NUM_HEADS=num_heads,
