@@ -119,6 +119,30 @@ with tarfile.open('$OUT/flashinfer-jit.tar.xz', 'w:xz') as t:
       loom --log-level WARNING bench throughput --config $CFG --num-prompts 1000 --input-len 1024 \
         --output-len 128 --json "$OUT/throughput_1000x1024x128.json" 2>&1 | grep -v "^Processed" | tail -6
       ;;
+    fp8-kernels)
+      log "attention kernels: triton over a bf16 cache and an fp8 cache (bit move vs cast)"
+      python3 benchmarks/attention_backends.py --backends triton --fp8 \
+        --out "$OUT/attention_triton_fp8_h200.json" 2>&1 | tail -40
+      ;;
+    profile)
+      # PROFILE_BATCHES="1 64": decode-step kernel time by kernel (benchmarks/decode_profile.py).
+      for b in ${PROFILE_BATCHES:-1}; do
+        log "decode profile batch $b ${PROFILE_SET:-}"
+        python3 benchmarks/decode_profile.py --config $CFG --batch-size $b --set ${PROFILE_SET:-} \
+          --json "$OUT/decode_profile_b${b}${PROFILE_TAG:-}.json" 2>&1 | grep -v "^\[\|USDT" | tail -32
+      done
+      ;;
+    tput)
+      # TPUT_VARIANTS: name:flags;... e.g. "bf16:;kvfp8:--kv-cache-dtype fp8"
+      IFS=';' read -ra variants <<< "${TPUT_VARIANTS:-bf16:}"
+      for v in "${variants[@]}"; do
+        name=${v%%:*}; flags=${v#*:}
+        log "throughput 1000 x 1024/1024 [$name] $flags"
+        loom --log-level INFO bench throughput --config $CFG $flags --num-prompts 1000 \
+          --input-len 1024 --output-len 1024 --json "$OUT/throughput_$name.json" 2>&1 \
+          | grep -v "^Processed" | grep -i "throughput\|tok/s\|error\|blocks\|captured\|weights\|Traceback" | tail -10
+      done
+      ;;
     *) echo "unknown phase $phase"; exit 2 ;;
   esac
 done
