@@ -7,7 +7,8 @@ against the ceilings measured in the same run (copy bandwidth, bf16 matmul TFLOP
     python benchmarks/attention_backends.py --backends triton --fp8 --out X.json
 
 --fp8 adds, for triton, the same cases over an fp8 (e4m3fn) cache, read through each of the
-kernels' fp8 conversions ("bits": moved into fp16's bits; "cast": the plain conversion).
+kernels' fp8 conversions (kernels.FP8_CONVERSION), and a sweep of the fp8 decode tile / warps
+and prefill block rows.
 """
 from __future__ import annotations
 
@@ -87,6 +88,35 @@ def prefill_us(cls, chunk, prefix, seqs, dev) -> tuple[float, float]:
     return do_bench(lambda: backend.forward(q, k, v, cache, planned), warmup=10, rep=50) * 1e3, plan_us
 
 
+def fp8_sweep(pm, dev, copy_gbps) -> list[dict]:
+    """Triton over an fp8 cache (fp16 conversion): decode tile x warps, prefill block rows."""
+    from loom.plugins.attention.triton import backend as B
+    cls = pm.get("attention_backend", "triton")
+    set_kv("fp8-fp16")
+    rows = []
+    default = B.DECODE_TILE[1], B.DECODE_WARPS[1], B.PREFILL_BLOCK_M[1]
+    for tile, warps in ((64, 2), (64, 4), (128, 2), (128, 4), (128, 8), (256, 4), (256, 8)):
+        B.DECODE_TILE[1], B.DECODE_WARPS[1] = tile, warps
+        for batch, ctx in ((1, 1024), (32, 8192), (256, 1024), (256, 8192)):
+            us = decode_us(cls, batch, ctx, dev)
+            gbs = batch * ctx * KVH * D * 2 / us / 1e3
+            rows.append(dict(backend="triton", kv="fp8-fp16", kind="decode-sweep", tile=tile,
+                             warps=warps, batch=batch, context=ctx, us=round(us, 1),
+                             of_copy=round(gbs / copy_gbps, 3)))
+            print(json.dumps(rows[-1]), flush=True)
+    for block_m in (64, 128):
+        B.PREFILL_BLOCK_M[1] = block_m
+        for chunk, prefix, seqs in PREFILL:
+            us, _ = prefill_us(cls, chunk, prefix, seqs, dev)
+            tf = seqs * 4 * H * D * (prefix * chunk + chunk * (chunk + 1) // 2) / us / 1e6
+            rows.append(dict(backend="triton", kv="fp8-fp16", kind="prefill-sweep",
+                             block_m=block_m, chunk=chunk, prefix=prefix, seqs=seqs,
+                             us=round(us, 1), TFLOPs=round(tf)))
+            print(json.dumps(rows[-1]), flush=True)
+    B.DECODE_TILE[1], B.DECODE_WARPS[1], B.PREFILL_BLOCK_M[1] = default
+    return rows
+
+
 def set_kv(kv: str) -> None:
     """The cache dtype and, for fp8, the triton kernels' conversion of variant ``kv``."""
     global CACHE_DTYPE
@@ -111,7 +141,7 @@ def main() -> None:
     print(json.dumps(result["ceilings"]), flush=True)
     variants = [(name, "bf16") for name in args.backends]
     if args.fp8:
-        variants += [("triton", "fp8-bits"), ("triton", "fp8-cast")]
+        variants += [("triton", f"fp8-{c}") for c in ("fp16", "bits", "cast")]
     for name, kv in variants:
         cls = pm.get("attention_backend", name)
         if getattr(cls, "unavailable", None):
@@ -136,6 +166,8 @@ def main() -> None:
             result["rows"].append(row)
             print(json.dumps(row), flush=True)
         print(f"{name} {kv}: {time.time() - t0:.0f} s (compiles included)", flush=True)
+    if args.fp8:
+        result["rows"] += fp8_sweep(pm, dev, result["ceilings"]["copy_GBps"])
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

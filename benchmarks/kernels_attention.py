@@ -50,11 +50,11 @@ mode = sys.argv[1]
 t0 = time.time()
 if mode in ("decode", "all"):
     for tile, warps in [(64, 4), (64, 2)]:
-        B.DECODE_TILE, B.DECODE_WARPS = tile, warps
+        B.DECODE_TILE[2], B.DECODE_WARPS[2] = tile, warps
         for batch, ctx in [(1, 8192), (1, 32768), (8, 8192), (32, 4096), (64, 2048), (256, 1024), (256, 4096)]:
             ms, gbs = decode_case(batch, ctx)
             log(kind="decode", tile=tile, warps=warps, batch=batch, ctx=ctx, splits="auto", us=round(ms * 1e3, 1), GBps=round(gbs))
-    B.DECODE_TILE, B.DECODE_WARPS = 64, 4
+    B.DECODE_TILE[2], B.DECODE_WARPS[2] = 64, 4
     for batch, ctx in [(1, 8192), (8, 8192), (32, 4096), (64, 2048)]:
         for sp in (1, 8, 32):
             ms, gbs = decode_case(batch, ctx, sp)
@@ -64,7 +64,7 @@ if mode in ("prefill", "all"):
         ms, tf = sdpa_case(n)
         log(kind="sdpa", n=n, ms=round(ms, 3), TFLOPs=round(tf))
     for bm, tile, warps in [(64, 64, 4), (64, 128, 4), (128, 64, 4), (64, 64, 8)]:
-        B.PREFILL_BLOCK_M, B.PREFILL_TILE, B.PREFILL_WARPS = bm, tile, warps
+        B.PREFILL_BLOCK_M[2], B.PREFILL_TILE, B.PREFILL_WARPS = bm, tile, warps
         for name, seqs in [("fresh4096", [(0, 4096)]), ("fresh1024", [(0, 1024)]), ("chunk512x4_prefix8k", [(8192, 512)] * 4), ("mixed", [(2000, 1)] * 32 + [(3000, 256)] * 2), ("mixed_long_decode", [(32000, 1)] * 2 + [(0, 1024)])]:
             ms, gf = prefill_case(seqs)
             log(kind="prefill", block_m=bm, tile=tile, warps=warps, case=name, ms=round(ms, 3), TFLOPs=round(gf))

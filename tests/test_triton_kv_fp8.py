@@ -61,10 +61,10 @@ def test_decode_fp8_cache_with_scales(kv_splits):
     assert rel_err(out, ref) < TOLERANCE[torch.float32]
 
 
-@pytest.mark.parametrize("conversion", ["bits", "cast"])
+@pytest.mark.parametrize("conversion", ["fp16", "bits", "cast"])
 @pytest.mark.parametrize("kv_splits", [None, 4])
 def test_bf16_queries_fp8_cache(conversion, kv_splits, monkeypatch):
-    """bf16 queries read the cache through the e4m3fn-to-fp16 bit path (or the plain cast)."""
+    """bf16 queries read the cache as fp16 (converted, or bits moved) or cast to bf16."""
     monkeypatch.setattr(kernels, "FP8_CONVERSION", conversion)
     out, ref, cache, ref_cache = run_both(MIXED_BATCHES["decodes_and_chunks"], 8, 2,
                                           dtype=torch.bfloat16, k_scale=0.5, v_scale=2.0,

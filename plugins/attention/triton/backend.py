@@ -19,10 +19,13 @@ import torch
 from loom.attention import AttentionBackend, AttentionMetadata
 
 # Launch configuration: first tuned on an H200 (bf16, 32 heads / 8 KV heads, head size 128).
-DECODE_TILE = 64          # keys per inner-loop step of the decode kernel
-DECODE_WARPS = 2
+# Keyed by the cache's bytes per value: an fp8 cache (1) moves half the bytes per key, so its
+# tiles take more keys to keep as many bytes in flight.
+DECODE_TILE = {2: 64, 4: 64, 1: 128}     # keys per inner-loop step of the decode kernel
+DECODE_WARPS = {2: 2, 4: 2, 1: 4}
 PREFILL_TILE = 64         # keys per inner-loop step of the prefill kernel
-PREFILL_BLOCK_M = 64      # query rows (tokens x group heads) per prefill program, long chunks
+PREFILL_BLOCK_M = {2: 64, 4: 64, 1: 128}  # query rows (tokens x group heads) per prefill
+#                                          program, long chunks
 MIN_BLOCK_M = 16          # ... short chunks (e.g. speculative tokens)
 PREFILL_WARPS = 4
 PROGRAMS_PER_SM = 4       # split-KV decode aims at this many programs per SM
@@ -85,9 +88,10 @@ class TritonAttention(AttentionBackend):
         max_context = metadata.block_tables.shape[1] * kv_cache.shape[2]
         splits = self.kv_splits or num_kv_splits(num_decodes * self.num_kv_heads, max_context,
                                                   self.num_sms)
+        size = kv_cache.element_size()
         self.kernels.decode_attention(out, q, kv_cache, metadata.block_tables, metadata.seq_lens,
-                                      num_decodes, self.scale, splits, DECODE_TILE, DECODE_WARPS,
-                                      self.k_scale, self.v_scale)
+                                      num_decodes, self.scale, splits, DECODE_TILE[size],
+                                      DECODE_WARPS[size], self.k_scale, self.v_scale)
 
     def _prefill(self, out, q, kv_cache, metadata: AttentionMetadata) -> None:
         """The sequences after the decodes; eager, so it may size its launch by host values."""
@@ -98,5 +102,6 @@ class TritonAttention(AttentionBackend):
         self.kernels.prefill_attention(
             out, q, kv_cache, metadata.block_tables, metadata.seq_lens, metadata.query_start_loc,
             num_decodes, metadata.num_seqs, metadata.num_tokens - num_decodes, self.scale,
-            PREFILL_BLOCK_M if long_chunks else MIN_BLOCK_M, PREFILL_TILE, PREFILL_WARPS,
+            PREFILL_BLOCK_M[kv_cache.element_size()] if long_chunks else MIN_BLOCK_M,
+            PREFILL_TILE, PREFILL_WARPS,
             self.k_scale, self.v_scale)

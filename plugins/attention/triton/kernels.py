@@ -2,11 +2,11 @@
 KV cache: attention for mixed batches, and split-KV decode with its reduction (the cache write
 is the fused ops plugin's ``write_kv`` kernel, shared with the other backends).
 
-An fp8 cache is read as fp8 and converted exactly: for bf16/fp16 queries an e4m3fn byte becomes
-fp16 by moving its bits (sign to bit 15, exponent and mantissa shifted left by 7), which reads
-as the value times 2^-8 (normals and subnormals alike) and costs a few integer ops instead of a
-float conversion chain; the tile's dots then run in fp16 with the query converted once. Other
-queries (fp32) convert each value to their dtype. The scales (times 2^8 on the bit path) are
+An fp8 cache is read as fp8 and converted exactly (every e4m3 value is an fp16 and a bf16
+value). For bf16/fp16 queries and an e4m3fn cache the tiles' dots run in fp16, the query
+converted once (FP8_CONVERSION: "fp16" converts each value, "bits" moves an e4m3fn byte's bits
+into fp16's, sign to bit 15 and the rest shifted left by 7, which reads as the value times 2^-8);
+otherwise values convert to the query's dtype. The scales (times 2^8 on the bit path) are
 folded in, k_scale into the softmax scale and v_scale into the output, which equals
 dequantizing each loaded value to fp32 * scale.
 
@@ -23,7 +23,10 @@ import triton.language as tl
 LOG2_E = 1.4426950408889634
 FP8_BITS_FACTOR = 256.0   # an e4m3fn byte moved into fp16's bits reads as value / 2^8
 BIT_PATH_QUERY_DTYPES = (torch.bfloat16, torch.float16)
-FP8_CONVERSION = "bits"   # or "cast": the plain conversion (kept to benchmark the two)
+# How bf16/fp16 queries read an fp8 cache: "fp16" converts it to fp16 (one instruction per two
+# values on sm89+) and runs the dots in fp16; "bits" moves its bits into fp16; "cast" converts
+# to the query's dtype. The benchmark (benchmarks/attention_backends.py --fp8) compares them.
+FP8_CONVERSION = "fp16"
 
 
 @triton.jit
@@ -34,6 +37,14 @@ def _kv_values(x, COMPUTE: tl.constexpr, FP8_BITS: tl.constexpr):
         b = x.to(tl.int16)
         return (((b & 0x80) << 8) | ((b & 0x7F) << 7)).to(tl.float16, bitcast=True)
     return x.to(COMPUTE)
+
+
+@triton.jit
+def _compute_queries(q, FP16: tl.constexpr):
+    """The queries in the dtype the tiles' dots run in (fp16 when an fp8 cache is read as fp16)."""
+    if FP16:
+        return q.to(tl.float16)
+    return q
 
 
 @triton.jit
@@ -75,7 +86,7 @@ def _attend(q, cache_ptr, block_table_ptr, kv_head, kv_start, full_end, kv_end, 
     """Attention state (acc, m, l) of the rows q over keys [kv_start, kv_end), causal to q_pos;
     keys below full_end (kv_start plus whole tiles) are visible to every row and go unmasked.
     acc comes out multiplied by v_scale (the V scale of an fp8 cache, else 1). On the fp8 bit
-    path q must already be fp16."""
+    path (and when an fp8 cache is read as fp16) q must already be fp16."""
     acc = tl.zeros([ROWS, HEAD_PAD], dtype=tl.float32)
     m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([ROWS], dtype=tl.float32)
@@ -114,7 +125,7 @@ def _prefill_attention(out_ptr, q_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr
                        c_stride_kv, c_stride_block, c_stride_off, c_stride_h,
                        GROUP: tl.constexpr, HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,
                        BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
-                       TILE: tl.constexpr, FP8_BITS: tl.constexpr):
+                       TILE: tl.constexpr, FP8_BITS: tl.constexpr, FP16: tl.constexpr):
     """Grid (query_blocks, num_kv_heads) over sequences first_seq..num_seqs-1: each program
     takes BLOCK_Q query tokens x GROUP heads of one sequence."""
     pid = tl.program_id(0)
@@ -136,9 +147,8 @@ def _prefill_attention(out_ptr, q_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr
     d = tl.arange(0, HEAD_PAD)
     d_ok = d < HEAD_SIZE
     q_offs = (q_start + tok)[:, None] * q_stride_t + head[:, None] * q_stride_h + d[None, :]
-    q = tl.load(q_ptr + q_offs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    if FP8_BITS:
-        q = q.to(tl.float16)
+    q = _compute_queries(tl.load(q_ptr + q_offs, mask=row_ok[:, None] & d_ok[None, :],
+                                 other=0.0), FP16)
 
     q_pos = context_len + tok
     kv_end = tl.minimum(seq_len, context_len + (q_block + 1) * BLOCK_Q)
@@ -161,7 +171,8 @@ def _decode_attention(out_ptr, part_out_ptr, part_lse_ptr, q_ptr, cache_ptr, blo
                       c_stride_kv, c_stride_block, c_stride_off, c_stride_h,
                       NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_SIZE: tl.constexpr,
                       HEAD_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr,
-                      TILE: tl.constexpr, NUM_SPLITS: tl.constexpr, FP8_BITS: tl.constexpr):
+                      TILE: tl.constexpr, NUM_SPLITS: tl.constexpr, FP8_BITS: tl.constexpr,
+                      FP16: tl.constexpr):
     """Grid (num_seqs, num_kv_heads, NUM_SPLITS): one query token x GROUP heads over one split
     of the keys. With one split the result goes to out; otherwise each split writes its
     normalized partial output and base-2 log-sum-exp for _reduce_splits."""
@@ -179,10 +190,8 @@ def _decode_attention(out_ptr, part_out_ptr, part_lse_ptr, q_ptr, cache_ptr, blo
     d = tl.arange(0, HEAD_PAD)
     d_ok = d < HEAD_SIZE
     mask = h_ok[:, None] & d_ok[None, :]
-    q = tl.load(q_ptr + seq * q_stride_t + head[:, None] * q_stride_h + d[None, :], mask=mask,
-                other=0.0)
-    if FP8_BITS:
-        q = q.to(tl.float16)
+    q = _compute_queries(tl.load(q_ptr + seq * q_stride_t + head[:, None] * q_stride_h +
+                                 d[None, :], mask=mask, other=0.0), FP16)
 
     q_pos = tl.zeros([BLOCK_H], dtype=tl.int32) + seq_len - 1
     full_end = kv_start + (kv_end - kv_start) // TILE * TILE
@@ -225,18 +234,23 @@ def _reduce_splits(out_ptr, part_out_ptr, part_lse_ptr, o_stride_t, o_stride_h,
              mask=d_ok)
 
 
-def fp8_bit_path(kv_cache, q) -> bool:
-    """Whether the kernels read this cache through the e4m3fn-to-fp16 bit path."""
-    return (kv_cache.dtype == torch.float8_e4m3fn and q.dtype in BIT_PATH_QUERY_DTYPES
-            and FP8_CONVERSION == "bits")
+def fp8_conversion(kv_cache, q) -> str | None:
+    """How the kernels read this cache: FP8_CONVERSION for an e4m3fn cache and bf16/fp16
+    queries, "cast" for other fp8 caches or queries, None for a cache in the query's dtype."""
+    if kv_cache.element_size() != 1:
+        return None
+    if kv_cache.dtype == torch.float8_e4m3fn and q.dtype in BIT_PATH_QUERY_DTYPES:
+        return FP8_CONVERSION
+    return "cast"
 
 
 def _cache_args(kv_cache, q, k_scale: float, v_scale: float):
-    """(cache as the kernels read it, k scale, v scale, FP8_BITS)."""
-    if fp8_bit_path(kv_cache, q):
+    """(cache as the kernels read it, k scale, v scale, FP8_BITS, FP16)."""
+    conversion = fp8_conversion(kv_cache, q)
+    if conversion == "bits":
         return (kv_cache.view(torch.uint8), k_scale * FP8_BITS_FACTOR,
-                v_scale * FP8_BITS_FACTOR, True)
-    return kv_cache, k_scale, v_scale, False
+                v_scale * FP8_BITS_FACTOR, True, True)
+    return kv_cache, k_scale, v_scale, False, conversion == "fp16"
 
 
 def _cache_strides(kv_cache):
@@ -260,13 +274,14 @@ def prefill_attention(out, q, kv_cache, block_tables, seq_lens, query_start_loc,
     block_m = max(block_m, triton.next_power_of_2(group))
     block_q = block_m // group
     grid = (num_tokens // block_q + num_seqs - first_seq, num_kv_heads)
-    kv_cache, k_scale, v_scale, fp8_bits = _cache_args(kv_cache, q, k_scale, v_scale)
+    kv_cache, k_scale, v_scale, fp8_bits, fp16 = _cache_args(kv_cache, q, k_scale, v_scale)
     _prefill_attention[grid](
         out, q, kv_cache, block_tables, seq_lens, query_start_loc, first_seq, num_seqs,
         scale * k_scale * LOG2_E, float(v_scale), q.stride(0), q.stride(1), out.stride(0),
         out.stride(1), block_tables.stride(0), *_cache_strides(kv_cache), GROUP=group,
         HEAD_SIZE=head_size, HEAD_PAD=_pad(head_size), BLOCK_SIZE=kv_cache.shape[2],
-        BLOCK_M=block_m, BLOCK_Q=block_q, TILE=tile, FP8_BITS=fp8_bits, num_warps=num_warps)
+        BLOCK_M=block_m, BLOCK_Q=block_q, TILE=tile, FP8_BITS=fp8_bits, FP16=fp16,
+        num_warps=num_warps)
 
 
 def decode_attention(out, q, kv_cache, block_tables, seq_lens, num_seqs: int, scale: float,
@@ -278,7 +293,7 @@ def decode_attention(out, q, kv_cache, block_tables, seq_lens, num_seqs: int, sc
     _, num_heads, head_size = q.shape
     num_kv_heads = kv_cache.shape[3]
     part_out = part_lse = out
-    kv_cache, k_scale, v_scale, fp8_bits = _cache_args(kv_cache, q, k_scale, v_scale)
+    kv_cache, k_scale, v_scale, fp8_bits, fp16 = _cache_args(kv_cache, q, k_scale, v_scale)
     if num_splits > 1:
         part_out = torch.empty(num_seqs, num_heads, num_splits, head_size, dtype=torch.float32,
                                device=q.device)
@@ -290,7 +305,7 @@ def decode_attention(out, q, kv_cache, block_tables, seq_lens, num_seqs: int, sc
         block_tables.stride(0), *_cache_strides(kv_cache), NUM_HEADS=num_heads,
         GROUP=num_heads // num_kv_heads, HEAD_SIZE=head_size, HEAD_PAD=_pad(head_size),
         BLOCK_SIZE=kv_cache.shape[2], BLOCK_H=_pad(num_heads // num_kv_heads), TILE=tile,
-        NUM_SPLITS=num_splits, FP8_BITS=fp8_bits, num_warps=num_warps)
+        NUM_SPLITS=num_splits, FP8_BITS=fp8_bits, FP16=fp16, num_warps=num_warps)
     if num_splits > 1:
         _reduce_splits[(num_seqs, num_heads)](
             out, part_out, part_lse, out.stride(0), out.stride(1), NUM_HEADS=num_heads,
