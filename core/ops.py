@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from loom.attention import is_fp8
+from loom import attention  # a module: attention imports ops too
 from loom.hookspecs import hookimpl
 
 
@@ -61,7 +61,7 @@ def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     valid = slots >= 0
     if not bool(valid.all()):
         slots, k, v = slots[valid], k[valid], v[valid]
-    if is_fp8(kv_cache):
+    if attention.is_fp8(kv_cache):
         k, v = quantize_fp8(k, k_scale, kv_cache.dtype), quantize_fp8(v, v_scale, kv_cache.dtype)
         kv_cache, k, v = kv_cache.view(torch.uint8), k.view(torch.uint8), v.view(torch.uint8)
     key_cache = kv_cache[0].view(-1, *kv_cache.shape[-2:])

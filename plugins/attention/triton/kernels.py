@@ -35,16 +35,20 @@ def _kv_values(x, COMPUTE: tl.constexpr, FP8_BITS: tl.constexpr):
     value / 2^8 on the bit path, else a plain conversion."""
     if FP8_BITS:
         b = x.to(tl.int16)
-        return (((b & 0x80) << 8) | ((b & 0x7F) << 7)).to(tl.float16, bitcast=True)
-    return x.to(COMPUTE)
+        values = (((b & 0x80) << 8) | ((b & 0x7F) << 7)).to(tl.float16, bitcast=True)
+    else:
+        values = x.to(COMPUTE)
+    return values
 
 
 @triton.jit
 def _compute_queries(q, FP16: tl.constexpr):
     """The queries in the dtype the tiles' dots run in (fp16 when an fp8 cache is read as fp16)."""
     if FP16:
-        return q.to(tl.float16)
-    return q
+        out = q.to(tl.float16)
+    else:
+        out = q
+    return out
 
 
 @triton.jit
