@@ -141,7 +141,7 @@ def main() -> None:
     print(json.dumps(result["ceilings"]), flush=True)
     variants = [(name, "bf16") for name in args.backends]
     if args.fp8:
-        variants += [("triton", f"fp8-{c}") for c in ("fp16", "bits", "cast")]
+        variants += [("triton", f"fp8-{c}") for c in ("fp16", "cast")]
     for name, kv in variants:
         cls = pm.get("attention_backend", name)
         if getattr(cls, "unavailable", None):

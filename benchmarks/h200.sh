@@ -120,7 +120,7 @@ with tarfile.open('$OUT/flashinfer-jit.tar.xz', 'w:xz') as t:
         --output-len 128 --json "$OUT/throughput_1000x1024x128.json" 2>&1 | grep -v "^Processed" | tail -6
       ;;
     fp8-kernels)
-      log "attention kernels: triton over a bf16 cache and an fp8 cache (bit move vs cast)"
+      log "attention kernels: triton over a bf16 cache and an fp8 cache (fp16 vs cast conversion, sweep)"
       python3 benchmarks/attention_backends.py --backends triton --fp8 \
         --out "$OUT/attention_triton_fp8_h200.json" 2>&1 | tail -40
       ;;

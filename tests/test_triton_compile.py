@@ -16,4 +16,4 @@ def test_attention_kernels_compile_for_sm90():
     run = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
                          timeout=600)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
-    assert "compiled 9 of 9" in run.stdout
+    assert "compiled 8 of 8" in run.stdout

@@ -10,7 +10,6 @@ from loom.ops import quantize_fp8  # noqa: E402
 from loom.plugins.attention.torch_ref import TorchRefAttention  # noqa: E402
 from loom.plugins.attention.triton import TritonAttention  # noqa: E402
 from loom.plugins.attention.triton import kernels  # noqa: E402
-from loom.plugins.attention.triton.kernels import _kv_values  # noqa: E402
 from loom.testing.attention_cases import (DECODE_BATCH, MIXED_BATCHES,  # noqa: E402
                                           build_metadata, random_qkv, rel_err)
 
@@ -61,32 +60,16 @@ def test_decode_fp8_cache_with_scales(kv_splits):
     assert rel_err(out, ref) < TOLERANCE[torch.float32]
 
 
-@pytest.mark.parametrize("conversion", ["fp16", "bits", "cast"])
+@pytest.mark.parametrize("conversion", ["fp16", "cast"])
 @pytest.mark.parametrize("kv_splits", [None, 4])
 def test_bf16_queries_fp8_cache(conversion, kv_splits, monkeypatch):
-    """bf16 queries read the cache as fp16 (converted, or bits moved) or cast to bf16."""
+    """bf16 queries read the cache converted to fp16 (dots in fp16) or to bf16."""
     monkeypatch.setattr(kernels, "FP8_CONVERSION", conversion)
     out, ref, cache, ref_cache = run_both(MIXED_BATCHES["decodes_and_chunks"], 8, 2,
                                           dtype=torch.bfloat16, k_scale=0.5, v_scale=2.0,
                                           kv_splits=kv_splits)
     assert torch.equal(cache.view(torch.uint8), ref_cache.view(torch.uint8))
     assert rel_err(out, ref) < TOLERANCE[torch.bfloat16]
-
-
-def test_fp8_bits_to_fp16_every_byte():
-    """The bit move reads every finite e4m3fn byte as exactly its value / 2^8."""
-
-    @triton.jit
-    def convert(x_ptr, y_ptr, N: tl.constexpr):
-        i = tl.arange(0, N)
-        tl.store(y_ptr + i, _kv_values(tl.load(x_ptr + i), tl.float16, True))
-
-    codes = torch.tensor([c for c in range(256) if c & 0x7F != 0x7F], dtype=torch.uint8)
-    codes = torch.cat([codes, codes[:2]]).to(DEVICE)          # 256 entries (a power of two)
-    out = torch.empty(256, dtype=torch.float16, device=DEVICE)
-    convert[(1,)](codes, out, N=256)
-    expect = codes.view(FP8).float() / kernels.FP8_BITS_FACTOR
-    assert torch.equal(out.float(), expect)
 
 
 @pytest.mark.gpu

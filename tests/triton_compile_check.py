@@ -20,7 +20,7 @@ def compile_kernel(fn, args: dict, constexprs: dict) -> None:
 
 
 def cache_type(cache: str) -> str:
-    return {"bf16": "*bf16", "fp8": "*fp8e4nv", "bits": "*u8"}[cache]
+    return {"bf16": "*bf16", "fp8": "*fp8e4nv"}[cache]
 
 
 def decode(cache: str, fp16: bool, splits: int) -> None:
@@ -31,7 +31,7 @@ def decode(cache: str, fp16: bool, splits: int) -> None:
                              "bt_stride"), "i32"), **dict.fromkeys(STRIDES, "i64")}
     compile_kernel(kernels._decode_attention, args, dict(
         NUM_HEADS=32, GROUP=4, HEAD_SIZE=128, HEAD_PAD=128, BLOCK_SIZE=16, BLOCK_H=16, TILE=128,
-        NUM_SPLITS=splits, FP8_BITS=cache == "bits", FP16=fp16))
+        NUM_SPLITS=splits, FP16=fp16))
 
 
 def prefill(cache: str, fp16: bool) -> None:
@@ -42,14 +42,13 @@ def prefill(cache: str, fp16: bool) -> None:
                              "bt_stride"), "i32"), **dict.fromkeys(STRIDES, "i64")}
     compile_kernel(kernels._prefill_attention, args, dict(
         GROUP=4, HEAD_SIZE=128, HEAD_PAD=128, BLOCK_SIZE=16, BLOCK_M=128, BLOCK_Q=32, TILE=64,
-        FP8_BITS=cache == "bits", FP16=fp16))
+        FP16=fp16))
 
 
 def main() -> int:
     cases = [(decode, ("bf16", False, 1)), (decode, ("bf16", False, 8)),
-             (decode, ("fp8", True, 1)), (decode, ("fp8", False, 4)), (decode, ("bits", True, 2)),
-             (prefill, ("bf16", False)), (prefill, ("fp8", True)), (prefill, ("fp8", False)),
-             (prefill, ("bits", True))]
+             (decode, ("fp8", True, 1)), (decode, ("fp8", False, 4)), (decode, ("fp8", True, 2)),
+             (prefill, ("bf16", False)), (prefill, ("fp8", True)), (prefill, ("fp8", False))]
     failed = 0
     for fn, case in cases:
         try:

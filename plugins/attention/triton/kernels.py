@@ -3,12 +3,11 @@ KV cache: attention for mixed batches, and split-KV decode with its reduction (t
 is the fused ops plugin's ``write_kv`` kernel, shared with the other backends).
 
 An fp8 cache is read as fp8 and converted exactly (every e4m3 value is an fp16 and a bf16
-value). For bf16/fp16 queries and an e4m3fn cache the tiles' dots run in fp16, the query
-converted once (FP8_CONVERSION: "fp16" converts each value, "bits" moves an e4m3fn byte's bits
-into fp16's, sign to bit 15 and the rest shifted left by 7, which reads as the value times 2^-8);
-otherwise values convert to the query's dtype. The scales (times 2^8 on the bit path) are
-folded in, k_scale into the softmax scale and v_scale into the output, which equals
-dequantizing each loaded value to fp32 * scale.
+value). For bf16/fp16 queries and an e4m3 cache the tiles' dots run in fp16, the query converted
+once: e4m3 -> fp16 is one instruction per two values on sm89+, where e4m3 -> bf16 goes through
+more (on the H200 this made fp8 decode 1.4x faster at 256 x 8k; FP8_CONVERSION = "cast" keeps
+the conversion to the query's dtype, for comparison). The scales are folded in, k_scale into the
+softmax scale and v_scale into the output, which equals dequantizing each value to fp32 * scale.
 
 Rows of a program's query tile are (token, query head) pairs of one KV head's group, so every
 K/V tile is loaded once per group. Softmax runs online in base 2, accumulating in fp32.
@@ -21,24 +20,8 @@ import triton
 import triton.language as tl
 
 LOG2_E = 1.4426950408889634
-FP8_BITS_FACTOR = 256.0   # an e4m3fn byte moved into fp16's bits reads as value / 2^8
-BIT_PATH_QUERY_DTYPES = (torch.bfloat16, torch.float16)
-# How bf16/fp16 queries read an fp8 cache: "fp16" converts it to fp16 (one instruction per two
-# values on sm89+) and runs the dots in fp16; "bits" moves its bits into fp16; "cast" converts
-# to the query's dtype. The benchmark (benchmarks/attention_backends.py --fp8) compares them.
-FP8_CONVERSION = "fp16"
-
-
-@triton.jit
-def _kv_values(x, COMPUTE: tl.constexpr, FP8_BITS: tl.constexpr):
-    """Loaded cache values in the compute dtype: e4m3fn bytes (as uint8) to fp16 holding
-    value / 2^8 on the bit path, else a plain conversion."""
-    if FP8_BITS:
-        b = x.to(tl.int16)
-        values = (((b & 0x80) << 8) | ((b & 0x7F) << 7)).to(tl.float16, bitcast=True)
-    else:
-        values = x.to(COMPUTE)
-    return values
+FP16_QUERY_DTYPES = (torch.bfloat16, torch.float16)
+FP8_CONVERSION = "fp16"   # or "cast" (see the module docstring)
 
 
 @triton.jit
@@ -55,7 +38,7 @@ def _compute_queries(q, FP16: tl.constexpr):
 def _attend_tile(acc, m_i, l_i, q, cache_ptr, block_table_ptr, kv_head, start, kv_end, q_pos,
                  scale_log2, c_stride_kv, c_stride_block, c_stride_off, c_stride_h,
                  HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                 TILE: tl.constexpr, MASK: tl.constexpr, FP8_BITS: tl.constexpr):
+                 TILE: tl.constexpr, MASK: tl.constexpr):
     """Fold keys [start, start + TILE) ∩ [0, kv_end), causal to row positions q_pos, into the
     online-softmax state (acc, m_i, l_i) of the query rows q [BLOCK_M, HEAD_PAD]. Without MASK
     the caller promises every key of the tile is below kv_end and visible to every row."""
@@ -65,10 +48,10 @@ def _attend_tile(acc, m_i, l_i, q, cache_ptr, block_table_ptr, kv_head, start, k
     d_ok = d < HEAD_SIZE
     block = tl.load(block_table_ptr + n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
     offs = block * c_stride_block + (n % BLOCK_SIZE) * c_stride_off + kv_head * c_stride_h
-    k = _kv_values(tl.load(cache_ptr + offs[None, :] + d[:, None],
-                           mask=n_ok[None, :] & d_ok[:, None], other=0.0), q.dtype, FP8_BITS)
-    v = _kv_values(tl.load(cache_ptr + c_stride_kv + offs[:, None] + d[None, :],
-                           mask=n_ok[:, None] & d_ok[None, :], other=0.0), q.dtype, FP8_BITS)
+    k = tl.load(cache_ptr + offs[None, :] + d[:, None], mask=n_ok[None, :] & d_ok[:, None],
+                other=0.0).to(q.dtype)
+    v = tl.load(cache_ptr + c_stride_kv + offs[:, None] + d[None, :],
+                mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(q.dtype)
     s = tl.dot(q, k, input_precision="ieee") * scale_log2
     if MASK:
         s = tl.where(n_ok[None, :] & (n[None, :] <= q_pos[:, None]), s, float("-inf"))
@@ -86,11 +69,11 @@ def _attend_tile(acc, m_i, l_i, q, cache_ptr, block_table_ptr, kv_head, start, k
 def _attend(q, cache_ptr, block_table_ptr, kv_head, kv_start, full_end, kv_end, q_pos,
             scale_log2, v_scale, c_stride_kv, c_stride_block, c_stride_off, c_stride_h,
             ROWS: tl.constexpr, HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,
-            BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, FP8_BITS: tl.constexpr):
+            BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr):
     """Attention state (acc, m, l) of the rows q over keys [kv_start, kv_end), causal to q_pos;
     keys below full_end (kv_start plus whole tiles) are visible to every row and go unmasked.
-    acc comes out multiplied by v_scale (the V scale of an fp8 cache, else 1). On the fp8 bit
-    path (and when an fp8 cache is read as fp16) q must already be fp16."""
+    acc comes out multiplied by v_scale (the V scale of an fp8 cache, else 1). Tiles convert to
+    q's dtype (fp16 when an fp8 cache is read as fp16)."""
     acc = tl.zeros([ROWS, HEAD_PAD], dtype=tl.float32)
     m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([ROWS], dtype=tl.float32)
@@ -98,12 +81,12 @@ def _attend(q, cache_ptr, block_table_ptr, kv_head, kv_start, full_end, kv_end, 
         acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, cache_ptr, block_table_ptr, kv_head,
                                      start, kv_end, q_pos, scale_log2, c_stride_kv,
                                      c_stride_block, c_stride_off, c_stride_h,
-                                     HEAD_SIZE, HEAD_PAD, BLOCK_SIZE, TILE, False, FP8_BITS)
+                                     HEAD_SIZE, HEAD_PAD, BLOCK_SIZE, TILE, False)
     for start in range(full_end, kv_end, TILE):
         acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, cache_ptr, block_table_ptr, kv_head,
                                      start, kv_end, q_pos, scale_log2, c_stride_kv,
                                      c_stride_block, c_stride_off, c_stride_h,
-                                     HEAD_SIZE, HEAD_PAD, BLOCK_SIZE, TILE, True, FP8_BITS)
+                                     HEAD_SIZE, HEAD_PAD, BLOCK_SIZE, TILE, True)
     return acc * v_scale, m_i, l_i
 
 
@@ -129,7 +112,7 @@ def _prefill_attention(out_ptr, q_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr
                        c_stride_kv, c_stride_block, c_stride_off, c_stride_h,
                        GROUP: tl.constexpr, HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,
                        BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
-                       TILE: tl.constexpr, FP8_BITS: tl.constexpr, FP16: tl.constexpr):
+                       TILE: tl.constexpr, FP16: tl.constexpr):
     """Grid (query_blocks, num_kv_heads) over sequences first_seq..num_seqs-1: each program
     takes BLOCK_Q query tokens x GROUP heads of one sequence."""
     pid = tl.program_id(0)
@@ -161,7 +144,7 @@ def _prefill_attention(out_ptr, q_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr
     block_table_ptr = block_tables_ptr + seq.to(tl.int64) * bt_stride
     acc, m_i, l_i = _attend(q, cache_ptr, block_table_ptr, kv_head, 0, full_end, kv_end, q_pos,
                             scale_log2, v_scale, c_stride_kv, c_stride_block, c_stride_off,
-                            c_stride_h, BLOCK_M, HEAD_SIZE, HEAD_PAD, BLOCK_SIZE, TILE, FP8_BITS)
+                            c_stride_h, BLOCK_M, HEAD_SIZE, HEAD_PAD, BLOCK_SIZE, TILE)
     acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     o_offs = (q_start + tok)[:, None] * o_stride_t + head[:, None] * o_stride_h + d[None, :]
     tl.store(out_ptr + o_offs, acc.to(out_ptr.dtype.element_ty),
@@ -175,8 +158,7 @@ def _decode_attention(out_ptr, part_out_ptr, part_lse_ptr, q_ptr, cache_ptr, blo
                       c_stride_kv, c_stride_block, c_stride_off, c_stride_h,
                       NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_SIZE: tl.constexpr,
                       HEAD_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr,
-                      TILE: tl.constexpr, NUM_SPLITS: tl.constexpr, FP8_BITS: tl.constexpr,
-                      FP16: tl.constexpr):
+                      TILE: tl.constexpr, NUM_SPLITS: tl.constexpr, FP16: tl.constexpr):
     """Grid (num_seqs, num_kv_heads, NUM_SPLITS): one query token x GROUP heads over one split
     of the keys. With one split the result goes to out; otherwise each split writes its
     normalized partial output and base-2 log-sum-exp for _reduce_splits."""
@@ -203,7 +185,7 @@ def _decode_attention(out_ptr, part_out_ptr, part_lse_ptr, q_ptr, cache_ptr, blo
     acc, m_i, l_i = _attend(q, cache_ptr, block_table_ptr, kv_head, kv_start, full_end, kv_end,
                             q_pos, scale_log2, v_scale, c_stride_kv, c_stride_block,
                             c_stride_off, c_stride_h, BLOCK_H, HEAD_SIZE, HEAD_PAD, BLOCK_SIZE,
-                            TILE, FP8_BITS)
+                            TILE)
     acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     if NUM_SPLITS == 1:
         o_offs = seq * o_stride_t + head[:, None] * o_stride_h + d[None, :]
@@ -238,23 +220,11 @@ def _reduce_splits(out_ptr, part_out_ptr, part_lse_ptr, o_stride_t, o_stride_h,
              mask=d_ok)
 
 
-def fp8_conversion(kv_cache, q) -> str | None:
-    """How the kernels read this cache: FP8_CONVERSION for an e4m3fn cache and bf16/fp16
-    queries, "cast" for other fp8 caches or queries, None for a cache in the query's dtype."""
-    if kv_cache.element_size() != 1:
-        return None
-    if kv_cache.dtype == torch.float8_e4m3fn and q.dtype in BIT_PATH_QUERY_DTYPES:
-        return FP8_CONVERSION
-    return "cast"
-
-
-def _cache_args(kv_cache, q, k_scale: float, v_scale: float):
-    """(cache as the kernels read it, k scale, v scale, FP8_BITS, FP16)."""
-    conversion = fp8_conversion(kv_cache, q)
-    if conversion == "bits":
-        return (kv_cache.view(torch.uint8), k_scale * FP8_BITS_FACTOR,
-                v_scale * FP8_BITS_FACTOR, True, True)
-    return kv_cache, k_scale, v_scale, False, conversion == "fp16"
+def reads_fp8_as_fp16(kv_cache, q) -> bool:
+    """Whether the kernels convert this cache to fp16 and run the dots in fp16: an e4m3 cache
+    and bf16/fp16 queries (FP8_CONVERSION "fp16")."""
+    return (kv_cache.dtype in (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
+            and q.dtype in FP16_QUERY_DTYPES and FP8_CONVERSION == "fp16")
 
 
 def _cache_strides(kv_cache):
@@ -278,13 +248,12 @@ def prefill_attention(out, q, kv_cache, block_tables, seq_lens, query_start_loc,
     block_m = max(block_m, triton.next_power_of_2(group))
     block_q = block_m // group
     grid = (num_tokens // block_q + num_seqs - first_seq, num_kv_heads)
-    kv_cache, k_scale, v_scale, fp8_bits, fp16 = _cache_args(kv_cache, q, k_scale, v_scale)
     _prefill_attention[grid](
         out, q, kv_cache, block_tables, seq_lens, query_start_loc, first_seq, num_seqs,
         scale * k_scale * LOG2_E, float(v_scale), q.stride(0), q.stride(1), out.stride(0),
         out.stride(1), block_tables.stride(0), *_cache_strides(kv_cache), GROUP=group,
         HEAD_SIZE=head_size, HEAD_PAD=_pad(head_size), BLOCK_SIZE=kv_cache.shape[2],
-        BLOCK_M=block_m, BLOCK_Q=block_q, TILE=tile, FP8_BITS=fp8_bits, FP16=fp16,
+        BLOCK_M=block_m, BLOCK_Q=block_q, TILE=tile, FP16=reads_fp8_as_fp16(kv_cache, q),
         num_warps=num_warps)
 
 
@@ -297,7 +266,6 @@ def decode_attention(out, q, kv_cache, block_tables, seq_lens, num_seqs: int, sc
     _, num_heads, head_size = q.shape
     num_kv_heads = kv_cache.shape[3]
     part_out = part_lse = out
-    kv_cache, k_scale, v_scale, fp8_bits, fp16 = _cache_args(kv_cache, q, k_scale, v_scale)
     if num_splits > 1:
         part_out = torch.empty(num_seqs, num_heads, num_splits, head_size, dtype=torch.float32,
                                device=q.device)
@@ -309,7 +277,7 @@ def decode_attention(out, q, kv_cache, block_tables, seq_lens, num_seqs: int, sc
         block_tables.stride(0), *_cache_strides(kv_cache), NUM_HEADS=num_heads,
         GROUP=num_heads // num_kv_heads, HEAD_SIZE=head_size, HEAD_PAD=_pad(head_size),
         BLOCK_SIZE=kv_cache.shape[2], BLOCK_H=_pad(num_heads // num_kv_heads), TILE=tile,
-        NUM_SPLITS=num_splits, FP8_BITS=fp8_bits, FP16=fp16, num_warps=num_warps)
+        NUM_SPLITS=num_splits, FP16=reads_fp8_as_fp16(kv_cache, q), num_warps=num_warps)
     if num_splits > 1:
         _reduce_splits[(num_seqs, num_heads)](
             out, part_out, part_lse, out.stride(0), out.stride(1), NUM_HEADS=num_heads,
