@@ -1,4 +1,4 @@
-"""The Triton attention kernels compile for an H200 (sm90), checked on the CPU (see
+"""Triton kernels compile for an H200 (sm90), checked on the CPU (see
 tests/triton_compile_check.py)."""
 import os
 import subprocess
@@ -10,10 +10,10 @@ import pytest
 pytest.importorskip("triton")
 
 
-def test_attention_kernels_compile_for_sm90():
+def test_kernels_compile_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = Path(__file__).with_name("triton_compile_check.py")
     run = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
                          timeout=600)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
-    assert "compiled 8 of 8" in run.stdout
+    assert "compiled 10 of 10" in run.stdout

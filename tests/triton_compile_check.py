@@ -1,4 +1,4 @@
-"""Compile the Triton attention kernels for sm90 (an H200) on a machine without a GPU: the
+"""Compile Triton kernels (attention, per-token FP8 quantization) for sm90 (an H200) on a machine without a GPU: the
 interpreter the CPU tests use accepts code that the compiler rejects (e.g. returns of different
 dtypes from one function). Run by tests/test_triton_compile.py without TRITON_INTERPRET."""
 import sys
@@ -9,6 +9,7 @@ from triton.compiler import ASTSource
 
 import loom  # noqa: F401  (package first: its modules import each other)
 from loom.plugins.attention.triton import kernels
+from loom.plugins.quant.triton import per_token_quant
 
 TARGET = GPUTarget("cuda", 90, 32)
 STRIDES = ("c_stride_kv", "c_stride_block", "c_stride_off", "c_stride_h")
@@ -45,10 +46,18 @@ def prefill(cache: str, fp16: bool) -> None:
         FP16=fp16))
 
 
+def per_token_fp8(x_type: str) -> None:
+    args = {"x_ptr": x_type, "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "K": "i32",
+            "stride_x": "i32", "stride_q": "i32"}
+    compile_kernel(per_token_quant._per_token_fp8_kernel, args,
+                   dict(FP8_MAX=448.0, BLOCK=per_token_quant.BLOCK))
+
+
 def main() -> int:
     cases = [(decode, ("bf16", False, 1)), (decode, ("bf16", False, 8)),
              (decode, ("fp8", True, 1)), (decode, ("fp8", False, 4)), (decode, ("fp8", True, 2)),
-             (prefill, ("bf16", False)), (prefill, ("fp8", True)), (prefill, ("fp8", False))]
+             (prefill, ("bf16", False)), (prefill, ("fp8", True)), (prefill, ("fp8", False)),
+             (per_token_fp8, ("*bf16",)), (per_token_fp8, ("*fp16",))]
     failed = 0
     for fn, case in cases:
         try:

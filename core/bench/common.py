@@ -117,6 +117,8 @@ def step_profile(records) -> dict:
             out[kind] = {"steps": len(picked),
                          "total_s": sum(r.seconds for r in picked),
                          "mean_step_ms": 1e3 * statistics.fmean(r.seconds for r in picked),
+                         "median_step_ms": 1e3 * statistics.median(r.seconds for r in picked),
+                         "max_step_ms": 1e3 * max(r.seconds for r in picked),
                          "mean_seqs": statistics.fmean(r.num_seqs for r in picked),
                          "mean_tokens": statistics.fmean(r.num_tokens for r in picked),
                          "device_wait_share": sum(r.wait_seconds for r in picked)

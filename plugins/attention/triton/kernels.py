@@ -105,7 +105,9 @@ def _find_seq(query_start_ptr, first_seq, num_seqs, base, pid, BLOCK_Q: tl.const
     return lo - 1
 
 
-@triton.jit
+# Integer arguments that change from step to step are not specialized on (== 1, % 16), so mixed
+# steps do not compile new variants of the kernel as the batch changes.
+@triton.jit(do_not_specialize=["first_seq", "num_seqs", "bt_stride"])
 def _prefill_attention(out_ptr, q_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr,
                        query_start_ptr, first_seq, num_seqs, scale_log2, v_scale,
                        q_stride_t, q_stride_h, o_stride_t, o_stride_h, bt_stride,
@@ -151,7 +153,7 @@ def _prefill_attention(out_ptr, q_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr
              mask=row_ok[:, None] & d_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["bt_stride"])
 def _decode_attention(out_ptr, part_out_ptr, part_lse_ptr, q_ptr, cache_ptr, block_tables_ptr,
                       seq_lens_ptr, scale_log2, v_scale,
                       q_stride_t, q_stride_h, o_stride_t, o_stride_h, bt_stride,

@@ -11,6 +11,7 @@ row-wise) or the Triton block-scaled GEMM; elsewhere the reference twin dequanti
 from __future__ import annotations
 
 import functools
+import importlib.util
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +50,15 @@ def to_fnuz(weight: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, to
     bits = weight.view(torch.int8).clone()
     bits[bits == -128] = 0
     return bits.view(torch.float8_e4m3fnuz), scale * 2
+
+
+@functools.cache
+def _per_token_quant():
+    """The fused Triton kernel, or the torch twin where triton is not installed."""
+    if importlib.util.find_spec("triton") is None:
+        return lambda x, dtype: quantize_act(x, "token", dtype)
+    from loom.plugins.quant.triton.per_token_quant import per_token_quant_fp8
+    return per_token_quant_fp8
 
 
 @functools.cache
@@ -181,7 +191,10 @@ class Fp8Scheme(Scheme):
     def apply_cuda(self, layer, x: torch.Tensor, bias) -> torch.Tensor:
         if self.act is None:
             return F.linear(x, self.dequantized_weight(layer, x.dtype), bias)
-        xq, x_scale = quantize_act(x, self.act, self.fp8_dtype, layer.a_scale, self.group_k)
+        if self.act == "token":       # one Triton kernel; its twin is quantize_act
+            xq, x_scale = _per_token_quant()(x, self.fp8_dtype)
+        else:
+            xq, x_scale = quantize_act(x, self.act, self.fp8_dtype, layer.a_scale, self.group_k)
         if self.weight == "block":
             y = _block_gemm()(xq, x_scale, layer.w_fp8, layer.w_block_scale, self.group_k, x.dtype)
             return y if bias is None else y + bias
