@@ -71,12 +71,16 @@ def verify_on_device(logits: torch.Tensor, rows: list[SamplingRow] | None,
     num_positions = sum(len(d) + 1 for d in drafts)
     assert logits.size(0) == num_positions
     assert rows is None or len(rows) == len(seeds) == num_positions
+    greedy = rows is None or all(row.is_plain_greedy for row in rows)
+    if greedy and not any(drafts):                  # nothing to verify: plain greedy decoding
+        target = logits.argmax(dim=-1)
+        return Verdict(target, torch.zeros_like(target, dtype=torch.bool), None, None)
     draft_at = np.full(num_positions, -1, dtype=np.int64)   # the draft each position checks
     for start, tokens in zip(starts, drafts):
         draft_at[start:start + len(tokens)] = tokens
     draft_tok = to_device(draft_at.tolist(), torch.long, logits.device)
     logprobs = chosen = None
-    if rows is None or all(row.is_plain_greedy for row in rows):
+    if greedy:
         target = logits.argmax(dim=-1)
         accept = draft_tok == target
     else:
@@ -100,10 +104,12 @@ def verify_on_device(logits: torch.Tensor, rows: list[SamplingRow] | None,
     return Verdict(target, accept, chosen, logprobs)
 
 
-def _starts(drafts: list[list[int]]) -> np.ndarray:
+def _starts(drafts: list[list[int]]) -> list[int]:
     """Each request's first position: requests bring len(drafts) + 1 positions each."""
-    counts = np.array([len(d) + 1 for d in drafts])
-    return np.concatenate(([0], np.cumsum(counts)[:-1]))
+    starts = [0] * len(drafts)
+    for i in range(1, len(drafts)):
+        starts[i] = starts[i - 1] + len(drafts[i - 1]) + 1
+    return starts
 
 
 def speculative_draw(probs: torch.Tensor, draft: torch.Tensor, q: torch.Tensor | None,
