@@ -54,7 +54,8 @@ class Engine:
 
     @property
     def async_scheduling(self) -> bool:
-        """Whether steps overlap (off with speculative decoding, whatever the config says)."""
+        """Whether steps may overlap (with speculative decoding, only those in which no
+        request verifies drafts or proposes)."""
         return self.core.async_scheduling
 
     @property

@@ -45,6 +45,7 @@ class StepRecord:
     num_seqs: int
     seconds: float          # the whole step() call
     wait_seconds: float     # of which waiting for the device to finish a step
+    ahead: bool = False     # launched before the previous step's tokens were processed
 
 
 @dataclass
@@ -259,10 +260,11 @@ class EngineCore:
         runner.proposer = self.proposer
         runner.spec_query_len = spec.num_speculative_tokens + 1
         if self.async_scheduling:
-            logger.info("speculative decoding (%s, k=%d): async scheduling is off, each step "
-                        "proposes from the tokens the previous one accepted", spec.method,
+            logger.info("speculative decoding (%s, k=%d) with async scheduling: a step is "
+                        "launched before the previous one's tokens are known only when no "
+                        "request in it verifies drafts or proposes (all in draft backoff); "
+                        "otherwise steps are synchronous", spec.method,
                         spec.num_speculative_tokens)
-            self.async_scheduling = False
 
     @property
     def max_model_len(self) -> int:
@@ -319,6 +321,7 @@ class EngineCore:
         if self._in_flight is not None and self.scheduler.needs_host_tokens():
             updates += self._complete(self._in_flight)
             self._in_flight = None
+        ahead = self._in_flight is not None
         sched = self.scheduler.schedule()
         pending = self.executor.execute_async(sched)    # an empty step still drops finished ids
         launched = None if sched.is_empty else (sched, pending)
@@ -331,7 +334,8 @@ class EngineCore:
         if self.step_records is not None:
             self.step_records.append(StepRecord(sched.total_num_scheduled_tokens,
                                                 len(sched.num_scheduled_tokens),
-                                                time.perf_counter() - start, self._wait))
+                                                time.perf_counter() - start, self._wait,
+                                                ahead and not sched.is_empty))
         return updates
 
     def _complete(self, step) -> list[SequenceUpdate]:

@@ -9,7 +9,9 @@ other ranks keep on the device for the next step's inputs, as rank 0 does.
 
 With speculative decoding (a proposer set; one rank only), a request that samples brings its
 drafts as extra tokens of the step; its last token and each draft get logits, the rejection
-sampler keeps the accepted drafts and one more token, and the proposer guesses the next drafts.
+sampler keeps the accepted drafts and one more token, and the proposer guesses the next drafts
+(not for requests in draft backoff). Such a step waits for its tokens on the host; one with no
+drafts and nothing to propose leaves them on the device, as plain decoding does.
 """
 from __future__ import annotations
 
@@ -27,11 +29,11 @@ from loom.distributed.group import SINGLE, TensorParallelGroup, building
 from loom.model_config import ModelConfig
 from loom.models.layers import VocabEmbedding, local_head_counts
 from loom.platform import Platform
-from loom.sampler import Sampler, SamplerOutput, SamplingRow, TokenSpan
+from loom.sampler import Sampler, SamplerOutput, SamplingRow, TokenSpan, to_device
 from loom.sampling_params import SamplingParams
 from loom.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from loom.spec_decode.proposer import ProposalRequest, Proposer
-from loom.spec_decode.rejection import verify
+from loom.spec_decode.rejection import Verdict, verify_on_device
 
 logger = logging.getLogger("loom")
 GiB = 1 << 30
@@ -108,7 +110,7 @@ class PendingOutput:
 
 
 class ReadyOutput:
-    """A step whose outputs already reached the host (speculative steps)."""
+    """A step whose outputs already reached the host (steps that verify drafts or propose)."""
 
     def __init__(self, output: ModelRunnerOutput):
         self.output = output
@@ -388,32 +390,37 @@ class ModelRunner:
     @torch.inference_mode()
     def execute_async(self, sched: SchedulerOutput) -> PendingOutput | ReadyOutput:
         """Launch a step; the host does not wait for the device (except where the platform
-        itself is synchronous, like the CPU, or the step is speculative)."""
+        itself is synchronous, like the CPU, or the step verifies drafts or proposes)."""
         self._update_states(sched)
         if sched.is_empty:
             return PendingOutput([], [], None, self.device)
         hb = self._host_batch(sched)
         hidden = self.forward(hb)
         if self.proposer is not None:
-            self.proposer.observe(hb)
+            self.proposer.observe(hb, self.prev_sampled)
         if not hb.sampling_req_ids:
             return PendingOutput([], [], None, self.device)
         if not hb.all_sample_in_order:
             hidden = hidden[self._h2d(hb.logits_indices)]
         logits = self.model.compute_logits(hidden)
         if self.proposer is not None:
-            return ReadyOutput(self._verify_and_propose(hb, logits))
+            return self._speculative_step(hb, logits, sched.backoff_req_ids)
         if self.tp.rank == 0:
             rows, sampled = self._sample(logits, hb)
         else:
             rows, sampled = [], SamplerOutput(torch.empty(len(hb.sampling_req_ids),
                                                           dtype=torch.int64, device=self.device))
         self.tp.broadcast(sampled.token_ids)
-        self.prev_sampled = sampled.token_ids
-        self.prev_rows = {rid: i for i, rid in enumerate(hb.sampling_req_ids)}
+        self._keep_sampled(hb.sampling_req_ids, sampled.token_ids)
         if self.tp.rank != 0:                  # only rank 0 reports tokens
             return PendingOutput([], [], None, self.device)
         return PendingOutput(hb.sampling_req_ids, rows, sampled, self.device)
+
+    def _keep_sampled(self, req_ids: list[str], last_tokens: torch.Tensor) -> None:
+        """Each request's last token of this step, on the device, for the next step's
+        placeholders."""
+        self.prev_sampled = last_tokens
+        self.prev_rows = {rid: i for i, rid in enumerate(req_ids)}
 
     def _sample(self, logits: torch.Tensor, hb: HostBatch) -> tuple[list[SamplingRow],
                                                                     SamplerOutput]:
@@ -423,45 +430,96 @@ class ModelRunner:
         return rows, self.sampler.forward(logits, rows)
 
     # ---- speculative steps ---------------------------------------------------------------
-    def _verify_and_propose(self, hb: HostBatch, logits: torch.Tensor) -> ModelRunnerOutput:
-        states = [self.requests[rid] for rid in hb.sampling_req_ids]
-        if all(s.sampling_params.plain_greedy for s in states):
-            rows = seeds = None                                  # argmax alone decides
-            drafts = [s.spec_token_ids for s in states]
-        else:
-            rows, seeds, drafts = self._position_rows(hb)
-        verified = verify(logits, rows, seeds, drafts, self._draft_probs(hb, logits))
-        forced = getattr(self.proposer, "forced_tokens", None)      # oracle force-path
-        for i, s in enumerate(states if forced is not None else []):
-            path = forced(s.req_id, s.token_ids, s.num_prompt_tokens, s.spec_token_ids)
+    def _speculative_step(self, hb: HostBatch, logits: torch.Tensor,
+                          backoff: set[str]) -> PendingOutput | ReadyOutput:
+        """Verify the step's drafts and propose the next ones for the requests not in
+        ``backoff``. A step with neither keeps its tokens on the device, as plain decoding does:
+        the scheduler may launch the next step before they reach the host."""
+        proposing = ({rid for rid in hb.sampling_req_ids if rid not in backoff}
+                     if self.proposing else set())
+        rows, seeds, drafts = self._position_rows(hb)
+        verdict = verify_on_device(logits, rows, seeds, drafts, self._draft_probs(hb, logits))
+        forced = self._forced_paths(hb, drafts)
+        if not proposing and not any(drafts):
+            return self._tokens_on_device(hb, verdict, rows, forced)
+        verified = verdict.to_host(rows, drafts)
+        for i, path in enumerate(forced or []):
             if path is not None:
                 verified.token_ids[i] = path
+        self._keep_sampled(hb.sampling_req_ids, to_device(
+            [t[-1] for t in verified.token_ids], torch.long, self.device))
+        spec = self._propose(hb, verified.token_ids, proposing)
+        return ReadyOutput(ModelRunnerOutput(list(hb.sampling_req_ids), verified.token_ids,
+                                             verified.logprobs, spec))
+
+    def _tokens_on_device(self, hb: HostBatch, verdict: Verdict, rows: list[SamplingRow] | None,
+                          forced: list[list[int] | None] | None) -> PendingOutput:
+        """A step without drafts: one token per request, left on the device."""
+        tokens = verdict.target
+        index = [i for i, path in enumerate(forced or []) if path is not None]
+        if index:
+            tokens[to_device(index, torch.long, self.device)] = to_device(
+                [forced[i][0] for i in index], torch.long, self.device)
+        self._keep_sampled(hb.sampling_req_ids, tokens)
+        return PendingOutput(hb.sampling_req_ids, rows or [],
+                             SamplerOutput(tokens, verdict.logprobs), self.device)
+
+    def _propose(self, hb: HostBatch, emitted: list[list[int]],
+                 proposing: set[str]) -> list[list[int]]:
+        """Proposals per sampling request: none for those not ``proposing``."""
         requests = []
-        for rid, new_tokens in zip(hb.sampling_req_ids, verified.token_ids):
+        for rid, new_tokens, num_out in zip(hb.sampling_req_ids, emitted, self._num_outputs(hb)):
+            self.draft_probs.pop(rid, None)
+            if rid not in proposing:
+                continue
             s = self.requests[rid]
+            assert num_out == len(s.token_ids) - s.num_prompt_tokens, \
+                f"{rid}: proposing while its last token is still on the device"
             room = self.max_model_len - len(s.token_ids) - len(new_tokens) - 1
             requests.append(ProposalRequest(
                 rid, s.token_ids, new_tokens, s.num_prompt_tokens, max(room, 0),
                 s.sampling_params, s.seed, s.generator, s.block_ids))
-        proposals = self.proposer.propose(requests) if self.proposing else None
-        spec = [[] for _ in requests] if proposals is None else proposals.token_ids
-        for i, rid in enumerate(hb.sampling_req_ids):
-            probs = None if proposals is None or proposals.probs is None else proposals.probs[i]
-            if probs is None:
-                self.draft_probs.pop(rid, None)
-            else:
-                self.draft_probs[rid] = probs
-        return ModelRunnerOutput(list(hb.sampling_req_ids), verified.token_ids,
-                                 verified.logprobs, spec)
+        spec = {rid: [] for rid in hb.sampling_req_ids}
+        if not requests:
+            return list(spec.values())
+        proposals = self.proposer.propose(requests)
+        for i, req in enumerate(requests):
+            spec[req.req_id] = proposals.token_ids[i]
+            if proposals.probs is not None and proposals.probs[i] is not None:
+                self.draft_probs[req.req_id] = proposals.probs[i]
+        return list(spec.values())
+
+    def _num_outputs(self, hb: HostBatch) -> list[int]:
+        """Per sampling request, its outputs before this step's first sampled position (one
+        may still be on the device, sampled by the previous step)."""
+        ends = dict(zip(hb.req_ids, hb.seq_lens.tolist()))
+        return [ends[rid] - int(num_drafts) - self.requests[rid].num_prompt_tokens
+                for rid, num_drafts in zip(hb.sampling_req_ids, hb.num_drafts)]
+
+    def _forced_paths(self, hb: HostBatch, drafts: list[list[int]]
+                      ) -> list[list[int] | None] | None:
+        """The oracle's force-path: per sampling request what it emits instead (None: what
+        verification says); None for other proposers."""
+        forced = getattr(self.proposer, "forced_tokens", None)
+        if forced is None:
+            return None
+        paths = []
+        for rid, num_out, d in zip(hb.sampling_req_ids, self._num_outputs(hb), drafts):
+            s = self.requests[rid]
+            paths.append(forced(rid, TokenSpan(s.token_ids, 0, s.num_prompt_tokens), num_out, d))
+        return paths
 
     def _position_rows(self, hb: HostBatch):
-        """A SamplingRow and a seed per verified position, and each request's drafts. The
-        outputs before position j count its first j drafts, as plain decoding would."""
-        rows, seeds, drafts = [], [], []
-        for rid in hb.sampling_req_ids:
-            s = self.requests[rid]
+        """A SamplingRow and a seed per verified position, and each request's drafts; rows and
+        seeds are None when every request is plain greedy. The outputs before position j count
+        its first j drafts, as plain decoding would."""
+        states = [self.requests[rid] for rid in hb.sampling_req_ids]
+        drafts = [s.spec_token_ids for s in states]
+        if all(s.sampling_params.plain_greedy for s in states):
+            return None, None, drafts                           # argmax alone decides
+        rows, seeds = [], []
+        for s, num_out in zip(states, self._num_outputs(hb)):
             prompt = TokenSpan(s.token_ids, 0, s.num_prompt_tokens)
-            num_out = len(s.token_ids) - s.num_prompt_tokens
             for j in range(len(s.spec_token_ids) + 1):
                 outputs = TokenSpan(s.token_ids, s.num_prompt_tokens, len(s.token_ids))
                 if j and s.sampling_params.needs_penalties:
@@ -470,7 +528,6 @@ class ModelRunner:
                                         self.eos_token_ids, num_out + j))
                 seeds.append(None if s.generator is None
                              else hash((s.seed, num_out + j)) & ((1 << 63) - 1))
-            drafts.append(s.spec_token_ids)
         return rows, seeds, drafts
 
     def _draft_probs(self, hb: HostBatch, logits: torch.Tensor) -> torch.Tensor | None:

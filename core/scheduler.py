@@ -10,14 +10,21 @@ With async scheduling the next step is scheduled before this step's tokens reach
 request that samples holds an output *placeholder* until update() brings the token, and the
 next step already computes that position (the runner feeds the token on the device).
 
-Speculative decoding (synchronous steps only): a request's drafts are scheduled as extra
-tokens after its last one, with KV slots reserved for them and for the proposer's lookahead.
-update() appends the accepted drafts and the token after them (stopping where plain decoding
-would), rolls num_computed_tokens back over the rejected ones and frees their blocks. With
-``pad_drafts`` (the runner has verification graphs), a step where any request verifies drafts
-gives every decoding request k of them, padded with PAD_DRAFT (never accepted), so the batch
-is uniform and replays a graph. A request whose drafts keep being rejected backs off
-(draft_backoff): it decodes without drafts for a growing number of steps, then tries again.
+Speculative decoding: a request's drafts are scheduled as extra tokens after its last one, with
+KV slots reserved for them and for the proposer's lookahead. update() appends the accepted
+drafts and the token after them (stopping where plain decoding would), rolls
+num_computed_tokens back over the rejected ones and frees their blocks. With ``pad_drafts``
+(the runner has verification graphs), a step where any request verifies drafts gives every
+decoding request k of them, padded with PAD_DRAFT (never accepted), so the batch is uniform and
+replays a graph. A request whose drafts keep being rejected backs off (draft_backoff): it
+decodes without drafts for a growing number of steps, then tries again. Those steps count down
+as they are scheduled, and the runner proposes nothing in a step whose successor is one of them
+(SchedulerOutput.backoff_req_ids).
+
+Async scheduling with speculative decoding: a step is scheduled ahead of the previous one's
+tokens only when no request with a token in flight verifies drafts or proposes in it (every
+such request is in backoff), since both need that token on the host; otherwise the previous
+step is completed first (needs_host_tokens).
 """
 from __future__ import annotations
 
@@ -68,9 +75,6 @@ class Scheduler:
                  enable_chunked_prefill: bool = True, async_scheduling: bool = False,
                  num_spec_tokens: int = 0, num_lookahead_tokens: int = 0,
                  pad_drafts: bool = False):
-        if num_spec_tokens and async_scheduling:
-            raise ValueError("speculative decoding needs synchronous steps (async_scheduling "
-                             "off)")
         self.kv = kv_cache
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -198,14 +202,18 @@ class Scheduler:
         out.num_scheduled_tokens[req.request_id] = num_new
         out.total_num_scheduled_tokens += num_new
         req.num_computed_tokens += num_new
-        num_drafts = req.num_computed_tokens - req.num_tokens   # the budget may cut them
+        num_drafts = req.num_computed_tokens - self._num_tokens(req)   # the budget may cut them
         if num_drafts > 0:
             out.scheduled_spec_tokens[req.request_id] = req.spec_token_ids[:num_drafts]
         # Blocks filled by this step are findable at once: a request admitted later in this
         # same step (an n > 1 sibling, a shared prefix) reuses them, since every layer writes
         # the step's K/V before attention reads them.
         self.kv.cache_blocks(req)
-        if self.async_scheduling and req.num_computed_tokens == self._num_tokens(req):
+        if num_drafts >= 0 and req.draft_backoff:     # it samples: a step of its backoff
+            req.draft_backoff -= 1
+            if req.draft_backoff:                     # so is the next: propose nothing
+                out.backoff_req_ids.add(req.request_id)
+        if self.async_scheduling and num_drafts == 0:
             req.num_output_placeholders += 1    # it samples: the token stays on the device
 
     def _pad_drafts(self, req: Request) -> None:
@@ -216,8 +224,9 @@ class Scheduler:
                                                                       len(req.spec_token_ids))
 
     def _lookahead(self, req: Request, end: int) -> int:
-        """KV slots past ``end`` to reserve: the proposer's, for a request that samples."""
-        if not self.num_lookahead_tokens or end < req.num_tokens:
+        """KV slots past ``end`` to reserve: the proposer's, for a request that samples and
+        proposes (its next step is not one of its backoff)."""
+        if not self.num_lookahead_tokens or end < self._num_tokens(req) or req.draft_backoff > 1:
             return 0
         return max(0, min(self.num_lookahead_tokens, self.max_model_len - end))
 
@@ -232,9 +241,16 @@ class Scheduler:
                                 or req.num_tokens + pending >= self.max_model_len)
 
     def needs_host_tokens(self) -> bool:
-        """A running request samples from its output token ids (penalties): the next step
-        must not be scheduled before this step's tokens are known."""
-        return any(r.sampling_params.needs_penalties for r in self.running)
+        """The next step must not be scheduled before the in-flight step's tokens are known:
+        a running request samples from its output token ids (penalties), or (speculative
+        decoding) verifies drafts or proposes in the next step."""
+        return any(r.sampling_params.needs_penalties or self._may_draft(r) for r in self.running)
+
+    def _may_draft(self, req: Request) -> bool:
+        """It has drafts to verify, or its token is in flight and it verifies or proposes in
+        the next step (fewer than two steps of backoff left)."""
+        return bool(self.num_spec_tokens) and bool(
+            req.spec_token_ids or (req.num_output_placeholders and req.draft_backoff < 2))
 
     def _cached_data(self, req: Request, new_blocks: list[int],
                      num_kept_blocks: int) -> CachedRequestData:
@@ -262,12 +278,12 @@ class Scheduler:
             req = self.requests.get(rid)
             if req is None:                         # finished while its step was in flight
                 continue
-            if self.async_scheduling:
-                req.num_output_placeholders -= 1
             tokens = result.sampled_token_ids[idx]
             drafts = sched.scheduled_spec_tokens.get(rid)
             if drafts:
                 self._roll_back(req, drafts, len(tokens) - 1)
+            elif self.async_scheduling:
+                req.num_output_placeholders -= 1    # the token it held a place for
             logprobs = result.logprobs[idx] if result.logprobs else None
             new_tokens = []
             status = None
@@ -284,9 +300,9 @@ class Scheduler:
                 # A request preempted while its step was in flight waits in the queue.
                 (self.running if req.status == RequestStatus.RUNNING else self.waiting).remove(req)
                 self._finish(req, status)
-            elif self.num_spec_tokens:
-                self._take_proposals(req, result.spec_token_ids[idx] if result.spec_token_ids
-                                     else [])
+            elif self.num_spec_tokens and req.status == RequestStatus.RUNNING:  # not preempted
+                proposals = result.spec_token_ids[idx] if result.spec_token_ids else []
+                self._take_proposals(req, [] if rid in sched.backoff_req_ids else proposals)
         return updates
 
     def _roll_back(self, req: Request, drafts: list[int], num_accepted: int) -> None:
@@ -301,11 +317,11 @@ class Scheduler:
             req.draft_backoff = draft_backoff(req.num_missed_drafts)
 
     def _take_proposals(self, req: Request, proposals: list[int]) -> None:
-        """Drafts for the next step, as many as could still be emitted after one more token;
-        blocks past the request's tokens go back to the pool until the next step asks."""
+        """Drafts for the next step, as many as could still be emitted after one more token
+        (none if the next step is one of its backoff); blocks past the request's tokens go
+        back to the pool until the next step asks."""
         room = min(req.max_tokens - req.num_output_tokens, self.max_model_len - req.num_tokens)
         if req.draft_backoff:
-            req.draft_backoff -= 1
             room = 0
         req.spec_token_ids = list(proposals[:max(room - 1, 0)])
         self.kv.free_tail(req, req.num_tokens)

@@ -38,6 +38,8 @@ class SchedulerOutput:
     finished_req_ids: set[str] = field(default_factory=set)  # the runner drops their state
     # Drafts to verify, the last tokens of a request's scheduled ones (speculative decoding).
     scheduled_spec_tokens: dict[str, list[int]] = field(default_factory=dict)
+    # Requests whose next step decodes without drafts (draft backoff): no proposals for them.
+    backoff_req_ids: set[str] = field(default_factory=set)
 
     @property
     def is_empty(self) -> bool:

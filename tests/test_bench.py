@@ -122,6 +122,7 @@ def test_latency_speculative_sweep(tiny_models, tmp_path, capsys):
         assert perfect["oracle_off_path"] == 0
         assert hopeless["acceptance_rate"] == 0.0 and hopeless["mean_accepted_length"] == 1.0
         assert perfect["steps"] < hopeless["steps"]
+        assert perfect["steps_ahead"] < hopeless["steps_ahead"]     # backoff steps go ahead
         assert perfect["speedup_decode"] > 0 and perfect["output_tok_s"] > 0
 
 

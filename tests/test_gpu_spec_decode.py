@@ -73,3 +73,18 @@ def test_spec_decode_bf16_perfect_draft_is_accepted(model):
     llm = LLM(str(model), speculative=spec, **(BASE | {"dtype": "bfloat16"}))
     generate(llm)
     assert llm.spec_decode_stats.acceptance_rate > 0.9
+
+
+def test_backoff_steps_launched_ahead_on_graphs(model, plain):
+    """Every draft rejected: requests back off and their decode steps (graph replays, tokens
+    read from the device) are launched ahead; the tokens are plain decoding's, async or not."""
+    spec = {"method": "oracle", "num-speculative-tokens": 3, "acceptance-rate": 0.0,
+            "force-path": True}
+    for async_scheduling in (True, False):
+        llm = LLM(str(model), speculative=spec, async_scheduling=async_scheduling, **BASE)
+        record_greedy(llm.engine, [llm.get_tokenizer().encode(p) for p in PROMPTS], 32)
+        llm.engine.core.step_records = records = []
+        assert generate(llm) == plain
+        assert llm.spec_decode_stats.num_accepted_tokens == 0
+        ahead = sum(r.ahead for r in records) / len(records)
+        assert ahead > 0.3 if async_scheduling else ahead == 0

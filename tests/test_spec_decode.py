@@ -59,6 +59,8 @@ def spec_config(method: str, path, draft_model, k: int = 3) -> dict:
         return {"method": "draft", "num-speculative-tokens": k, "model": str(draft_model)}
     if method == "draft_self":      # the target as its own draft: everything is accepted
         return {"method": "draft", "num-speculative-tokens": k, "model": str(path)}
+    if method == "oracle_wrong":    # every draft rejected: requests back off
+        return {"method": "oracle", "num-speculative-tokens": k, "acceptance-rate": 0.0}
     return {"method": "oracle", "num-speculative-tokens": k, "acceptance-rate": 0.8}
 
 
@@ -89,31 +91,41 @@ def plain_run(path):
     return _plain[path]
 
 
-@pytest.mark.parametrize("method", ["ngram", "draft", "draft_self", "oracle"])
-def test_greedy_equals_plain_under_stress(tiny_models, tiny_model_name, draft_model, method):
+@pytest.mark.parametrize("async_scheduling", [True, False], ids=["async", "sync"])
+@pytest.mark.parametrize("method", ["ngram", "draft", "draft_self", "oracle", "oracle_wrong"])
+def test_greedy_equals_plain_under_stress(tiny_models, tiny_model_name, draft_model, method,
+                                          async_scheduling):
     """Chunked prefill (8-token budget), prefix caching (shared prompts, 4-token blocks),
     preemption (20 blocks for 8 sequences of up to 72 tokens), n > 1, stop strings and tokens
-    and max_tokens inside accepted runs: the outputs of plain decoding, and no block leaked."""
+    and max_tokens inside accepted runs: the outputs of plain decoding, and no block leaked;
+    with async scheduling, some steps launched before the previous one's tokens are known."""
     path = tiny_models[tiny_model_name]
     params, expected = plain_run(path)
     llm = make_llm(path, speculative=spec_config(method, path, draft_model),
-                   max_num_batched_tokens=8, block_size=4, num_gpu_blocks_override=20)
+                   max_num_batched_tokens=8, block_size=4, num_gpu_blocks_override=20,
+                   async_scheduling=async_scheduling)
     engine = llm.engine
-    if method == "oracle":
+    if method.startswith("oracle"):
         tok = llm.get_tokenizer()
         record_greedy(engine, [tok.encode(p) for p in STRESS_PROMPTS], MAX_TOKENS)
         assert engine.kv_cache.num_free_blocks == engine.kv_cache.num_blocks
     before = engine.spec_decode_stats.copy()
+    engine.core.step_records = records = []
     assert summary(llm.generate(STRESS_PROMPTS, params, use_tqdm=False)) == expected
     stats = engine.spec_decode_stats.since(before)
     assert stats.num_draft_tokens > 0
     assert engine.scheduler.num_preemptions > 0 and engine.kv_cache.prefix_hits > 0
     assert engine.kv_cache.num_free_blocks == engine.kv_cache.num_blocks
+    assert any(r.ahead for r in records) == async_scheduling
     if method == "draft_self":
         assert stats.acceptance_rate > 0.95
     if method == "oracle":
         assert 0.3 < stats.acceptance_rate < 0.95
         assert stats.mean_accepted_length > 2
+    if method == "oracle_wrong":
+        assert stats.num_accepted_tokens == 0
+        # Decode steps of requests in backoff, each launched while a token was in flight.
+        assert any(r.ahead and r.num_tokens == r.num_seqs for r in records) == async_scheduling
 
 
 def test_stops_inside_accepted_runs(tiny_models):
@@ -204,15 +216,173 @@ def test_sampling_with_seeds_is_reproducible_and_exact_for_a_perfect_draft(tiny_
     assert metrics["spec_num_accepted_tokens"] == metrics["spec_num_draft_tokens"] > 0
 
 
-def test_async_scheduling_is_turned_off(tiny_models, caplog):
+def test_async_scheduling_stays_on_and_is_logged(tiny_models, caplog):
     path = tiny_models["llama"]
     with caplog.at_level("INFO", logger="loom"):
         llm = make_llm(path, speculative={"method": "ngram", "num-speculative-tokens": 2})
-    assert llm.engine.async_scheduling is False and llm.config.async_scheduling is True
-    assert "async scheduling is off" in caplog.text
+    assert llm.engine.async_scheduling is True
+    assert "with async scheduling: a step is launched before" in caplog.text
     with caplog.at_level("INFO", logger="loom"):
         llm.generate(PROMPTS[0], greedy(), use_tqdm=False)
     assert "speculative decoding:" in caplog.text and "accepted" in caplog.text
+
+
+def backoff_steps(max_tokens: int) -> list[tuple[bool, bool]]:
+    """Per decode step of a request whose every draft is rejected: (drafts verified, launched
+    ahead), by the rule: four verifications, then 1, 2, 4 ... steps without drafts before each
+    next one; a step goes ahead when it follows one of those with at least two more to come;
+    no drafts where max_tokens leaves room for one token only."""
+    from loom.scheduler import draft_backoff
+    steps, backoff, missed, left = [], 0, 0, 0
+    for num_out in range(1, max_tokens):
+        ahead = left >= 2
+        if backoff:
+            backoff -= 1
+            steps.append((False, ahead))
+            left = backoff
+        elif max_tokens - num_out >= 2:
+            missed += 1
+            backoff = draft_backoff(missed)
+            steps.append((True, ahead))
+            left = 0
+        else:
+            steps.append((False, ahead))
+            left = 0
+    return steps
+
+
+def traced_run(llm, prompt, params):
+    """Generate, and per step with tokens: (drafts verified, launched ahead)."""
+    core = llm.engine.core
+    drafted = []
+    schedule = core.scheduler.schedule
+    core.scheduler.schedule = lambda: drafted.append(schedule()) or drafted[-1]
+    core.step_records = []
+    out = llm.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids
+    core.scheduler.schedule = schedule
+    steps = [(bool(s.scheduled_spec_tokens), r.ahead)
+             for s, r in zip(drafted, core.step_records) if not s.is_empty]
+    return out, steps
+
+
+@pytest.mark.parametrize("async_scheduling", [True, False], ids=["async", "sync"])
+def test_rejected_drafts_back_off_and_backoff_steps_go_ahead(tiny_models, async_scheduling):
+    """At 0% acceptance a request verifies drafts, then decodes 1, 2, 4 ... 32 steps without
+    any, exactly as the rule says, async or not; most of those steps are launched while the
+    previous one's token is still on the device. At 100% every step verifies: none goes
+    ahead."""
+    path = tiny_models["llama"]
+    max_tokens = 110
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    plain = make_llm(path, max_model_len=160).generate(PROMPTS[0], params, use_tqdm=False)
+    llm = make_llm(path, max_model_len=160, async_scheduling=async_scheduling,
+                   speculative={"method": "oracle", "num-speculative-tokens": 4,
+                                "acceptance-rate": 0.0, "force-path": True})
+    record_greedy(llm.engine, [llm.get_tokenizer().encode(PROMPTS[0])], max_tokens)
+    tokens, steps = traced_run(llm, PROMPTS[0], params)
+    assert tokens == plain[0].outputs[0].token_ids
+    expected = backoff_steps(max_tokens)
+    if not async_scheduling:
+        expected = [(drafted, False) for drafted, _ in expected]
+    assert steps[0] == (False, False) and steps[1:] == expected      # the prompt's step first
+    ahead = sum(a for _, a in steps) / len(steps)
+    assert ahead > 0.75 if async_scheduling else ahead == 0
+    assert (llm.spec_decode_stats.num_drafts, llm.spec_decode_stats.num_accepted_tokens) == (
+        sum(d for d, _ in expected), 0)
+    llm.engine.proposer.acceptance_rate = 1.0
+    tokens, steps = traced_run(llm, PROMPTS[0], params)
+    assert tokens == plain[0].outputs[0].token_ids
+    assert all(drafted for drafted, _ in steps[1:-1]) and not any(a for _, a in steps)
+
+
+def test_a_draft_model_drafts_again_after_its_backoff(tiny_models):
+    """The target as its own draft, its proposals spoiled up to the 20th output: the request
+    backs off, and the draft model proposes nothing during the backoff; its steps go ahead,
+    their tokens reaching the draft's KV cache from the device. Once the backoff ends the
+    request drafts again, and its drafts are accepted: only if that cache holds every token."""
+    path = tiny_models["llama"]
+    params = greedy(max_tokens=40, ignore_eos=True)
+    plain = make_llm(path).generate(PROMPTS[0], params, use_tqdm=False)[0].outputs[0]
+    llm = make_llm(path, speculative=spec_config("draft_self", path, None, k=3))
+    scheduler, vocab = llm.engine.scheduler, llm.engine.model_config.vocab_size
+    scheduled, proposed_in = [], []
+    schedule, propose = scheduler.schedule, llm.engine.proposer.propose
+
+    def spoiled(requests):
+        proposed_in.append(scheduled[-1])        # the step being executed
+        out = propose(requests)
+        out.token_ids = [[(t + 1) % vocab for t in tokens] if r.num_output_tokens <= 20
+                         else tokens for r, tokens in zip(requests, out.token_ids)]
+        return out
+    llm.engine.proposer.propose = spoiled
+    scheduler.schedule = lambda: scheduled.append(schedule()) or scheduled[-1]
+    verified = []                       # (outputs before the step, drafts, tokens emitted)
+    update = scheduler.update
+
+    def traced_update(sched, result):
+        for rid, tokens in zip(result.req_ids, result.sampled_token_ids):
+            if sched.scheduled_spec_tokens.get(rid):
+                verified.append((scheduler.requests[rid].num_output_tokens,
+                                 sched.scheduled_spec_tokens[rid], tokens))
+        return update(sched, result)
+    scheduler.update = traced_update
+    llm.engine.core.step_records = records = []
+    assert llm.generate(PROMPTS[0], params, use_tqdm=False)[0].outputs[0].token_ids == (
+        plain.token_ids)
+    backoff_steps = [s for s in scheduled if s.backoff_req_ids]
+    assert len(backoff_steps) >= 10 and not any(s.backoff_req_ids for s in proposed_in)
+    assert sum(r.ahead for r in records) >= 8
+    spoilt = [v for v in verified if v[0] <= 20]
+    later = [v for v in verified if v[0] > 20]
+    assert len(spoilt) >= 6 and all(len(emitted) == 1 for _, _, emitted in spoilt)
+    assert later[0][0] > 21 and len(later) >= 3     # drafts again after the backoff ...
+    accepted = sum(len(emitted) - 1 for _, _, emitted in later)
+    assert accepted >= 0.9 * sum(len(d) for _, d, _ in later)    # ... and right
+
+
+def test_seeded_sampling_is_the_same_whatever_the_batch_and_steps_ahead(tiny_models):
+    """Requests "a*" get drafts of token 0, all but never accepted, so they back off and their
+    steps go ahead; "b" gets none, so a step with it proposes. A seeded request (also with
+    logprobs, top-k and n = 2) draws the same tokens alone or next to "b", with async
+    scheduling or without: a step without drafts samples through the verification's draws."""
+    from loom.spec_decode.proposer import Proposals
+
+    path = tiny_models["qwen2"]
+    ours = [("a", PROMPTS[0], SamplingParams(temperature=0.8, seed=11, max_tokens=60,
+                                             ignore_eos=True, logprobs=2)),
+            ("a2", PROMPTS[1], SamplingParams(temperature=1.0, top_k=20, seed=5, max_tokens=60,
+                                              ignore_eos=True, n=2))]
+    other = ("b", PROMPTS[2], SamplingParams(temperature=1.0, seed=3, max_tokens=60))
+    results = []
+    for async_scheduling, requests in ((True, ours), (False, ours), (True, ours + [other])):
+        llm = make_llm(path, async_scheduling=async_scheduling,
+                       speculative={"method": "ngram", "num-speculative-tokens": 3})
+        llm.engine.proposer.propose = lambda reqs: Proposals(
+            [[0, 0, 0] if r.req_id.startswith("a") else [] for r in reqs])
+        llm.engine.core.step_records = records = []
+        outputs = run_engine(llm.engine, requests)
+        results.append({rid: outputs[rid] for rid, _, _ in ours})
+        decodes_ahead = sum(r.ahead and r.num_tokens == r.num_seqs for r in records)
+        assert decodes_ahead > 20 if async_scheduling and len(requests) == 2 else (
+            decodes_ahead == 0)
+    for got in results[1:]:
+        assert {rid: [c.token_ids for c in outs] for rid, outs in got.items()} == {
+            rid: [c.token_ids for c in outs] for rid, outs in results[0].items()}
+        for g, r in zip(got["a"][0].logprobs, results[0]["a"][0].logprobs):
+            assert g.keys() == r.keys()       # batch shapes move logprobs by rounding only
+            assert all(abs(g[t].logprob - r[t].logprob) < 1e-4 for t in g)
+
+
+def run_engine(engine, requests) -> dict:
+    """Per request id: its sequences (CompletionOutputs), once finished."""
+    for rid, prompt, params in requests:
+        engine.add_request(prompt, params, request_id=rid)
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.outputs
+    return done
 
 
 @pytest.mark.parametrize("spec, match", [

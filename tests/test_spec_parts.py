@@ -101,15 +101,16 @@ def test_oracle_force_path_emits_the_recorded_path():
     proposer.remember([1, 2], [5, 6, 7, 8, 9])
     assert proposer.propose([ProposalRequest("r", [1, 2], [5], 2, 100,
                                              SamplingParams())]).token_ids == [[6, 7, 8]]
-    assert proposer.forced_tokens("r", [1, 2, 5], 2, [6, 7, 8]) == [6, 7, 8, 9]
-    assert proposer.forced_tokens("r", [1, 2, 5], 2, [6, 4, 8]) == [6, 7]
-    assert proposer.forced_tokens("r", [1, 2, 5], 2, [3, 7, 8]) == [6]
-    assert proposer.forced_tokens("r", [1, 2, 5, 6, 7, 8, 9], 2, []) is None   # path's end
-    assert proposer.forced_tokens("u", [3, 4], 1, [1]) is None                   # no record
+    assert proposer.forced_tokens("r", [1, 2], 1, [6, 7, 8]) == [6, 7, 8, 9]
+    assert proposer.forced_tokens("r", [1, 2], 1, [6, 4, 8]) == [6, 7]
+    assert proposer.forced_tokens("r", [1, 2], 1, [3, 7, 8]) == [6]
+    assert proposer.forced_tokens("r", [1, 2], 5, []) is None           # path's end
+    assert proposer.forced_tokens("u", [3], 1, [1]) is None             # no record
+    assert proposer.forced_tokens("s", [1, 2], 2, []) == [7]            # not proposed for yet
     plain = OracleProposer(3, 1.0, 0, vocab_size=50)
     plain.remember([1, 2], [5, 6, 7, 8, 9])
     plain.propose([ProposalRequest("r", [1, 2], [5], 2, 100, SamplingParams())])
-    assert plain.forced_tokens("r", [1, 2, 5], 2, [6, 7, 8]) is None
+    assert plain.forced_tokens("r", [1, 2], 1, [6, 7, 8]) is None
 
 
 def test_draft_backoff_grows_then_caps():
@@ -199,10 +200,35 @@ def test_padding_drafts_for_uniform_batches():
     assert out.scheduled_spec_tokens == {"r": [7, -1]}
 
 
-def test_spec_needs_synchronous_steps():
-    with pytest.raises(ValueError, match="async_scheduling"):
-        Scheduler(KVCacheManager(8, 4), max_num_seqs=1, max_num_batched_tokens=8,
-                  max_model_len=32, async_scheduling=True, num_spec_tokens=2)
+def test_backoff_steps_propose_nothing_and_let_the_next_step_go_ahead():
+    """Three steps of backoff: the first two ask for no proposals (theirs would be drafts of a
+    backoff step) and reserve no lookahead slots; the second is scheduled before the first's
+    token is known; the third proposes, so its result comes before the fourth, which drafts."""
+    sched = make_scheduler(lookahead=4)
+    sched.async_scheduling = True
+    req = start(sched)                                   # 7 tokens
+    req.spec_token_ids, req.draft_backoff = [], 3        # as after a missed verification
+    first = sched.schedule()
+    assert first.backoff_req_ids == {"r"} and first.scheduled_spec_tokens == {}
+    assert len(sched.kv.block_ids("r")) == 2             # 7 computed, no lookahead
+    assert not sched.needs_host_tokens()
+    second = sched.schedule()                            # while `first` is in flight
+    assert second.num_scheduled_tokens == {"r": 1} and second.backoff_req_ids == {"r"}
+    assert req.num_output_placeholders == 2 and req.num_computed_tokens == 8
+    assert sched.needs_host_tokens()                     # the third proposes
+    sched.update(first, ModelRunnerOutput(["r"], [[60]], [None], [[1, 2, 3, 4]]))
+    assert req.spec_token_ids == [] and len(sched.kv.block_ids("r")) == 2
+    sched.update(second, ModelRunnerOutput(["r"], [[61]], [None], [[1, 2, 3, 4]]))
+    assert req.spec_token_ids == [] and req.num_output_placeholders == 0
+    third = sched.schedule()
+    assert third.backoff_req_ids == set() and req.draft_backoff == 0
+    assert len(sched.kv.block_ids("r")) == 4             # 9 computed + 4 lookahead slots
+    assert sched.needs_host_tokens()
+    sched.update(third, ModelRunnerOutput(["r"], [[62]], [None], [[5, 6, 7, 8]]))
+    assert req.spec_token_ids == [5, 6, 7, 8]
+    assert sched.schedule().scheduled_spec_tokens == {"r": [5, 6, 7, 8]}
+    assert sched.needs_host_tokens()                     # drafts in flight
+    assert req.output_token_ids == [50, 60, 61, 62] and req.num_output_placeholders == 0
 
 
 # ---- statistics and metrics ---------------------------------------------------------------------

@@ -4,7 +4,8 @@ One process: plain decoding first (the baseline, and the greedy continuations th
 proposes), then one engine per k of --spec-k, timed on the same prompts; for the oracle
 method once per --spec-acceptance-rate, the engine kept. Reported per run: output tok/s, decode
 tok/s (after the first token) and their ratio to plain decoding, the measured acceptance rate
-(accepted / proposed draft tokens) and the mean accepted length (tokens per verification).
+(accepted / proposed draft tokens), the mean accepted length (tokens per verification) and the
+share of steps launched ahead (async scheduling: before the previous step's tokens were known).
 
 Workloads (--spec-prompts): ``random`` prompts, or ``self-repeat``: a random start followed by
 the target's own greedy continuation of it, so the prompt ends on the model's trajectory and
@@ -142,7 +143,9 @@ def figures_of(runs: list[Run], batch_size: int, output_len: int) -> dict:
     decode = statistics.median(r.e2e - r.prefill for r in runs)
     return {"e2e_ms": e2e * 1e3, "output_tok_s": batch_size * output_len / e2e,
             "decode_tok_s": batch_size * (output_len - 1) / decode if decode > 0 else None,
-            "steps": statistics.median(len(r.stamps) for r in runs)}
+            "steps": statistics.median(len(r.stamps) for r in runs),
+            "steps_ahead": statistics.median(sum(s.ahead for s in r.records) / len(r.records)
+                                             for r in runs)}
 
 
 def spec_figures(engine: Engine, k: int, rate: float | None, batch_size: int, prompts,
@@ -170,11 +173,12 @@ def spec_figures(engine: Engine, k: int, rate: float | None, batch_size: int, pr
 
 def table(figures: dict) -> str:
     header = ["method", "k", "rate set", "batch", "e2e ms", "output tok/s", "decode tok/s",
-              "x plain", "accepted", "mean len"]
+              "x plain", "accepted", "mean len", "ahead"]
     rows = [["plain", None, None, p["batch_size"], p["e2e_ms"], p["output_tok_s"],
-             p["decode_tok_s"], 1.0, None, None] for p in figures["plain"]]
+             p["decode_tok_s"], 1.0, None, None, p["steps_ahead"]] for p in figures["plain"]]
     for r in figures["runs"]:
         rows.append([figures["method"], r["num_speculative_tokens"], r["acceptance_rate_set"],
                      r["batch_size"], r["e2e_ms"], r["output_tok_s"], r["decode_tok_s"],
-                     r["speedup_decode"], r["acceptance_rate"], r["mean_accepted_length"]])
+                     r["speedup_decode"], r["acceptance_rate"], r["mean_accepted_length"],
+                     r["steps_ahead"]])
     return format_table(header, rows)

@@ -7,7 +7,9 @@ draft's K/V of the very tokens whose target K/V block b holds. It runs over ever
 right after the target (``observe``), so its cache is always as complete as the target's:
 chunked prefill, prefix-cache hits, rejected tokens rolled back and preemption all carry over
 with no bookkeeping of its own. Its k proposal steps write K/V past the verified tokens, into
-the lookahead slots the scheduler reserves; the next step's verification rewrites them.
+the lookahead slots the scheduler reserves; the next step's verification rewrites them. The
+runner asks for no proposals for requests in draft backoff: a step where all are runs the
+draft's pass over the batch and nothing more.
 """
 from __future__ import annotations
 
@@ -43,7 +45,8 @@ class DraftModelProposer(Proposer):
         self.runner._profile_run()
 
     @torch.inference_mode()
-    def observe(self, batch: HostBatch) -> None:
+    def observe(self, batch: HostBatch, prev_sampled: torch.Tensor | None) -> None:
+        self.runner.prev_sampled = prev_sampled     # the target's, for the batch's placeholders
         self.runner.forward(batch)
 
     # ---- proposals -----------------------------------------------------------------------

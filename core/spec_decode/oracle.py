@@ -15,6 +15,7 @@ does and the acceptance is exactly the one set.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,12 +52,16 @@ class OracleProposer(Proposer):
     def propose(self, requests: list[ProposalRequest]) -> Proposals:
         return Proposals([self._propose(req) for req in requests])
 
-    def _propose(self, req: ProposalRequest) -> list[int]:
-        track = self.tracks.get(req.req_id)
+    def _track(self, req_id: str, prompt: Sequence[int]) -> _Track:
+        track = self.tracks.get(req_id)
         if track is None:
-            prompt = tuple(req.token_ids[:req.num_prompt_tokens])
+            prompt = tuple(prompt)
             track = _Track(hash(prompt) & MASK64, self.continuations.get(prompt))
-            self.tracks[req.req_id] = track
+            self.tracks[req_id] = track
+        return track
+
+    def _propose(self, req: ProposalRequest) -> list[int]:
+        track = self._track(req.req_id, req.token_ids[:req.num_prompt_tokens])
         cont = track.continuation
         num_out = req.num_output_tokens
         if cont is None:
@@ -81,16 +86,15 @@ class OracleProposer(Proposer):
         shift = 1 + (_splitmix64(draw) % np.uint64(self.vocab_size - 1)).astype(np.int64)
         return np.where(wrong, (tokens + shift) % self.vocab_size, tokens)
 
-    def forced_tokens(self, req_id: str, token_ids: list[int], num_prompt_tokens: int,
+    def forced_tokens(self, req_id: str, prompt: Sequence[int], num_out: int,
                       drafts: list[int]) -> list[int] | None:
-        """With force-path, what this request's verification emits: the recorded path's drafts
-        up to the first wrong one, then the path's next token. None without force-path or off
-        the record."""
-        track = self.tracks.get(req_id)
-        if not self.force_path or track is None or track.continuation is None:
+        """With force-path, what this request's verification emits after its ``num_out``
+        outputs: the recorded path's drafts up to the first wrong one, then the path's next
+        token. None without force-path or off the record."""
+        if not self.force_path:
             return None
-        cont, num_out = track.continuation, len(token_ids) - num_prompt_tokens
-        if num_out >= len(cont):
+        cont = self._track(req_id, prompt).continuation
+        if cont is None or num_out >= len(cont):
             return None
         accepted = 0
         while (accepted < len(drafts) and num_out + accepted + 1 < len(cont)

@@ -1,7 +1,8 @@
 """The Proposer interface: what the model runner asks of every speculative method.
 
 After each step the runner hands the proposer the requests that sampled, with the tokens they
-emitted; the proposer guesses up to k next tokens for each. The scheduler schedules them as
+emitted, but for those whose next step decodes without drafts (draft backoff); the proposer
+guesses up to k next tokens for each. The scheduler schedules them as
 extra tokens of the request in the next step, where the target verifies them.
 """
 from __future__ import annotations
@@ -60,8 +61,9 @@ class Proposer:
     def propose(self, requests: list[ProposalRequest]) -> Proposals:
         raise NotImplementedError
 
-    def observe(self, batch) -> None:
-        """Called every step after the target's forward over ``batch`` (a HostBatch)."""
+    def observe(self, batch, prev_sampled) -> None:
+        """Called every step after the target's forward over ``batch`` (a HostBatch), whose
+        placeholders read the previous step's tokens ``prev_sampled`` (on the device)."""
 
     def drop(self, req_id: str) -> None:
         """The runner forgot a request (finished or preempted)."""

@@ -15,6 +15,9 @@ would emit under greedy, and follow its distribution under sampling:
 
 Randomness of a seeded request is a function of (seed, output index): one uniform for the
 acceptance test, then one Exp(1) per vocab entry for the draw, whatever the batch.
+
+``verify_on_device`` leaves the outcome on the device (``Verdict``): a step without drafts
+samples through it too, so its tokens are drawn exactly as in any other step.
 """
 from __future__ import annotations
 
@@ -23,8 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from loom.sampler import (SamplerOutput, SamplingRow, apply_min_tokens, apply_penalties,
-                          compute_logprobs, processed_probs, to_device)
+from loom.sampler import (LogprobTensors, SamplerOutput, SamplingRow, apply_min_tokens,
+                          apply_penalties, compute_logprobs, processed_probs, to_device)
 from loom.scheduler_output import TokenLogprobs
 
 
@@ -36,23 +39,48 @@ class Verified:
     num_accepted: list[int]
 
 
+@dataclass
+class Verdict:
+    """The outcome per position, still on the device."""
+    target: torch.Tensor            # [P] the token emitted if the position is reached and its
+                                    # draft (if any) rejected
+    accept: torch.Tensor            # [P] bool: its draft is accepted
+    chosen: torch.Tensor | None     # [P] the token it ends with (None: every row plain greedy)
+    logprobs: LogprobTensors | None
+
+    def to_host(self, rows: list[SamplingRow] | None, drafts: list[list[int]]) -> Verified:
+        """Per request its accepted drafts and the token after them (waits for the device)."""
+        return _per_request(self.target, self.accept, self.chosen, self.logprobs, rows, drafts,
+                            _starts(drafts))
+
+
 def verify(logits: torch.Tensor, rows: list[SamplingRow] | None, seeds: list[int | None] | None,
            drafts: list[list[int]], draft_probs: torch.Tensor | None = None) -> Verified:
     """``logits`` [P, V]: the positions of every request in turn (len(drafts[r]) + 1 each);
     ``rows`` and ``seeds``: per position (None: every request is plain greedy);
     ``draft_probs`` [P, V]: at draft positions, the distribution each draft was drawn from
     (None: every proposal was deterministic)."""
-    counts = np.array([len(d) + 1 for d in drafts])
-    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
-    num_positions = int(counts.sum())
+    return verify_on_device(logits, rows, seeds, drafts, draft_probs).to_host(rows, drafts)
+
+
+def verify_on_device(logits: torch.Tensor, rows: list[SamplingRow] | None,
+                     seeds: list[int | None] | None, drafts: list[list[int]],
+                     draft_probs: torch.Tensor | None = None) -> Verdict:
+    """verify() without waiting for the device."""
+    starts = _starts(drafts)
+    num_positions = sum(len(d) + 1 for d in drafts)
     assert logits.size(0) == num_positions
     assert rows is None or len(rows) == len(seeds) == num_positions
+    greedy = rows is None or all(row.is_plain_greedy for row in rows)
+    if greedy and not any(drafts):                  # nothing to verify: plain greedy decoding
+        target = logits.argmax(dim=-1)
+        return Verdict(target, torch.zeros_like(target, dtype=torch.bool), None, None)
     draft_at = np.full(num_positions, -1, dtype=np.int64)   # the draft each position checks
     for start, tokens in zip(starts, drafts):
         draft_at[start:start + len(tokens)] = tokens
     draft_tok = to_device(draft_at.tolist(), torch.long, logits.device)
     logprobs = chosen = None
-    if rows is None or all(row.is_plain_greedy for row in rows):
+    if greedy:
         target = logits.argmax(dim=-1)
         accept = draft_tok == target
     else:
@@ -73,7 +101,15 @@ def verify(logits: torch.Tensor, rows: list[SamplingRow] | None, seeds: list[int
             accept[index] = accepted
         chosen = torch.where(accept, draft_tok, target)
         logprobs = compute_logprobs(logits, chosen, rows)
-    return _per_request(target, accept, chosen, logprobs, rows, drafts, starts)
+    return Verdict(target, accept, chosen, logprobs)
+
+
+def _starts(drafts: list[list[int]]) -> list[int]:
+    """Each request's first position: requests bring len(drafts) + 1 positions each."""
+    starts = [0] * len(drafts)
+    for i in range(1, len(drafts)):
+        starts[i] = starts[i - 1] + len(drafts[i - 1]) + 1
+    return starts
 
 
 def speculative_draw(probs: torch.Tensor, draft: torch.Tensor, q: torch.Tensor | None,
