@@ -2,6 +2,7 @@
 the scheme's choice of it: on a GPU when there is one, else through triton's interpreter on the CPU
 (TRITON_INTERPRET=1, set before the kernels are defined). Fresh random inputs every run
 (LOOM_TEST_SEED replays one)."""
+import json
 import os
 import random
 import subprocess
@@ -192,14 +193,16 @@ COMPILE_FOR_HOPPER = textwrap.dedent("""
     gemv_args = {**ptr, "part_ptr": "*fp32", "count_ptr": "*i32", **{n: "i32" for n in (
         "M", "N", "K", "k_words", "k_chunk", "splits", "magic", "stride_xm", "stride_wn",
         "stride_sn", "stride_ym")}}
-    for rows, bits, per_step, perm, even in [(1, 4, True, False, True), (1, 8, False, True, False),
-                                             (16, 4, True, True, True), (16, 8, False, False, True)]:
+    variants = [(1, 4, True, False, True), (1, 8, False, True, False), (16, 4, True, True, True),
+                (16, 8, False, False, True)]        # rows, bits, scale per step, perm, even
+    for rows, bits, per_step, perm, even in variants:
         compile_sm90(_gemv_kernel, gemv_args, dict(
             BITS=bits, GROUP=128 if per_step else 32, ROWS=rows, BLOCK_N=64, BLOCK_K=128,
             STAGES=3, SCALE_PER_STEP=per_step, HAS_PERM=perm, HAS_BIAS=True, EVEN=even,
             SPLIT=True), 4)
-    gemm_args = {**ptr, **{n: "i32" for n in ("M", "N", "K", "group_size", "k_chunk", "stride_xm",
-                                             "stride_wn", "stride_sn", "stride_ys", "stride_ym")}}
+    gemm_args = {**ptr, **{n: "i32" for n in (
+        "M", "N", "K", "group_size", "k_chunk", "stride_xm", "stride_wn", "stride_sn",
+        "stride_ys", "stride_ym")}}
     compile_sm90(_wna16_kernel, gemm_args, dict(BITS=4, HAS_G_IDX=True, HAS_PERM=False,
                                                 BLOCK_M=64, BLOCK_N=64, BLOCK_K=64), 4)
     print("compiled")
@@ -218,3 +221,22 @@ def test_kernels_compile_for_hopper():
     if "ModuleNotFoundError" in done.stderr and "backends.nvidia" in done.stderr:
         pytest.skip("triton without its NVIDIA backend")
     assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
+
+
+def test_benchmark_runs_tiny_on_the_cpu(tmp_path):
+    """benchmarks/kernels_quant.py's GEMV sweep, its code paths on tiny shapes through the
+    interpreter (float32: the interpreter's bf16 dot is wrong)."""
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "kernels_quant.py")
+    out = tmp_path / "gemv.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, script, "--gemv-only", "--tiny", "--device", "cpu",
+                           "--dtype", "float32", "--configs", "default", "n64k128", "--linears",
+                           "down", "--rows", "1", "3", "--json", str(out)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads(out.read_text())
+    assert {(r["method"], r["m"], r["config"]) for r in record["gemv"]} == {
+        (method, m, config) for method in ("w4a16 g128", "w4a16 g128 g_idx", "w8a16 channel")
+        for m in (1, 3) for config in ("default", "n64k128")}
+    assert all(r["rel_err"] < 1e-5 and r["us"] > 0 for r in record["gemv"])
+    assert len(record["gemv_best"]) == 6 and record["ceilings"]["copy_gbs"] > 0
