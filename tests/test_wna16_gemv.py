@@ -116,9 +116,13 @@ def test_supported():
     assert not gemv_supported(torch.zeros(4, 512)[:, ::2], w_q, 4, 128, None)      # strided
     assert not gemv_supported(x, w_q, 4, 4, None)             # groups split the words
     assert not gemv_supported(x, torch.zeros(40, 16, dtype=torch.int32), 4, 128, None)
+    s = torch.ones(40, 2)
     with pytest.raises(ValueError, match="1 to 16 rows"):
-        wna16_gemv(torch.zeros(MAX_M + 1, 256), w_q, torch.ones(40, 2), torch.ones(40, 2),
-                   None, 4, 128)
+        wna16_gemv(torch.zeros(MAX_M + 1, 256), w_q, s, s, None, 4, 128)
+    with pytest.raises(ValueError, match="x has 128 inputs, w_q packs 256"):
+        wna16_gemv(torch.zeros(1, 128), w_q, s, s, None, 4, 64)
+    with pytest.raises(ValueError, match="group size 4 splits the 8-code words"):
+        wna16_gemv(x, w_q, torch.ones(40, 64), torch.ones(40, 64), None, 4, 4)
 
 
 def test_act_order_perm():
