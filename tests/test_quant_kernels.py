@@ -35,11 +35,11 @@ def close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> bool:
 
 
 def int_weights(k: int, n: int, bits: int, group_size: int, with_g_idx: bool, dtype, gen):
-    """Random weights in the canonical layout: (w_q, scales, zeros, g_idx)."""
+    """Random weights in the canonical layout: (w_q [N, K/pf], scales, zeros [N, G], g_idx)."""
     groups = 1 if group_size == -1 else k // group_size
-    codes = torch.randint(0, 2**bits, (k, n), generator=gen, dtype=torch.int32)
-    scales = (torch.rand(groups, n, generator=gen) * 0.02 + 0.001).to(dtype)
-    zeros = torch.randint(0, 2**bits, (groups, n), generator=gen).to(dtype)
+    codes = torch.randint(0, 2**bits, (n, k), generator=gen, dtype=torch.int32)
+    scales = (torch.rand(n, groups, generator=gen) * 0.02 + 0.001).to(dtype)
+    zeros = torch.randint(0, 2**bits, (n, groups), generator=gen).to(dtype)
     g_idx = None
     if with_g_idx:
         g_idx = (torch.randperm(k, generator=gen) % groups).to(torch.int32)
@@ -59,10 +59,21 @@ def test_wna16_gemm(bits, with_g_idx, m, n, k, group_size, split_k, gen):
     w_q, scales, zeros, g_idx = int_weights(k, n, bits, group_size, with_g_idx, torch.float32, gen)
     x = torch.randn(m, k, generator=gen)
     gs = k if group_size == -1 else group_size
-    ref = x @ dequantize(w_q, scales, zeros, g_idx, bits, gs)
+    ref = x @ dequantize(w_q, scales, zeros, g_idx, bits, gs).t()
     out = wna16_gemm(*on_device(x, w_q, scales, zeros, g_idx), bits, gs, config=SMALL,
                      split_k=split_k)
     assert out.shape == (m, n) and close(out, ref, torch.float32), SEED
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_wna16_gemm_reads_x_through_a_perm(bits, gen):
+    w_q, scales, zeros, _ = int_weights(256, 40, bits, 64, False, torch.float32, gen)
+    perm = torch.randperm(256, generator=gen).to(torch.int32)
+    x = torch.randn(3, 256, generator=gen)
+    ref = x[:, perm.long()] @ dequantize(w_q, scales, zeros, None, bits, 64).t()
+    out = wna16_gemm(*on_device(x, w_q, scales, zeros), None, bits, 64,
+                     perm=on_device(perm)[0], config=SMALL, split_k=2)
+    assert close(out, ref, torch.float32), SEED
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -70,7 +81,7 @@ def test_wna16_gemm(bits, with_g_idx, m, n, k, group_size, split_k, gen):
 def test_wna16_gemm_half_dtypes_and_default_configs(dtype, m, gen):
     w_q, scales, zeros, g_idx = int_weights(256, 88, 4, 64, m == 7, dtype, gen)
     x = torch.randn(m, 256, generator=gen).to(dtype)
-    ref = x.float() @ dequantize(w_q, scales, zeros, g_idx, 4, 64).float()
+    ref = x.float() @ dequantize(w_q, scales, zeros, g_idx, 4, 64).float().t()
     out = wna16_gemm(*on_device(x, w_q, scales, zeros, g_idx), 4, 64)
     assert out.dtype == dtype and close(out, ref, dtype), SEED
 
@@ -158,7 +169,7 @@ def test_layouts_through_the_kernel(m, gen):
         twin = layer.quant_method.apply(layer, x, None)
         assert close(twin, x @ weight, torch.float32), (name, SEED)
         out = wna16_gemm(*on_device(x, layer.w_q, layer.w_scales, layer.w_zeros, layer.w_g_idx),
-                         4, layer.group_size, config=SMALL)
+                         4, layer.group_size, perm=on_device(layer.w_perm)[0], config=SMALL)
         assert close(out, twin, torch.float32), (name, SEED)
 
 

@@ -1,13 +1,18 @@
 """Weight-only int4/int8 (W4A16, W8A16) in the GPTQ, AWQ and compressed-tensors pack-quantized
 layouts.
 
-After loading, every layout is repacked into one: ``w_q`` int32 [K, N/pf] with the code of
-output column n in bits (n % pf) * bits of word n // pf (pf = 32 / bits: AWQ's packing without its
-reordering, which the Triton GEMM unpacks with interleaves, every word loaded once), ``w_scales``
-and ``w_zeros`` [G, N] in the activation dtype, w = (q - zero) * scale, and ``w_g_idx`` [K], the
-group of each input row (None when it is k // group_size). CUDA multiplies with the Triton GEMM,
-which dequantizes in registers; elsewhere the weight is dequantized, then multiplied (the
-reference twin).
+After loading, every layout is repacked into one: ``w_q`` int32 [N, K/pf], each row of W packed
+along its inputs, the code of input k in bits (k % pf) * bits of word k // pf (pf = 32 / bits:
+GPTQ's packing, transposed so that each output row streams contiguously), ``w_scales`` and
+``w_zeros`` [N, G] in the activation dtype, w = (q - zero) * scale. Act order (a g_idx that puts
+input rows in any group) is sorted away where it can be: when every group holds the same number of
+inputs, the inputs are stored in group order, ``w_perm`` [K] names the input each stored one is
+(x is read through it) and the groups are the default k // group_size again. ``w_g_idx`` [K], the
+group of each stored input, remains only where the groups are uneven (a row-parallel rank's share
+of an act-order layer); otherwise it is None. CUDA multiplies with the Triton kernels, which
+dequantize in registers: the GEMV (triton/wna16_gemv.py) for up to 16 rows of x, the GEMM
+(triton/wna16.py) beyond; elsewhere the weight is dequantized, then multiplied (the reference
+twin).
 
 Tensor parallelism: a column-parallel rank takes whole packed words and its columns of the
 scales and zeros. A row-parallel rank takes its input rows and the groups they fall in; with
@@ -53,11 +58,22 @@ def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def dequantize(w_q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                g_idx: torch.Tensor | None, bits: int, group_size: int) -> torch.Tensor:
-    """The weight [K, N] in the dtype of ``scales``."""
+    """The weight [N, K] of the canonical tensors in the dtype of ``scales``, inputs in their
+    stored order (with a perm, stored input i is input perm[i])."""
     codes = unpack_cols(w_q, bits)
     groups = g_idx if g_idx is not None else (
-        torch.arange(codes.shape[0], device=codes.device) // group_size)
-    return (codes.to(scales.dtype) - zeros[groups]) * scales[groups]
+        torch.arange(codes.shape[1], device=codes.device) // group_size)
+    return (codes.to(scales.dtype) - zeros[:, groups]) * scales[:, groups]
+
+
+def act_order_perm(g_idx: torch.Tensor, groups: int) -> torch.Tensor | None:
+    """The inputs in group order (a stable sort of g_idx) when every group holds the same number
+    of them, so that the sorted groups are k // group_size; else None."""
+    k = g_idx.numel()
+    counts = torch.bincount(g_idx.long(), minlength=groups)
+    if k % groups or (counts != k // groups).any():
+        return None
+    return torch.sort(g_idx, stable=True).indices.to(torch.int32)
 
 
 def default_g_idx(k: int, groups: int, device) -> torch.Tensor:
@@ -82,9 +98,11 @@ def round_to_nearest(weight: torch.Tensor, bits: int, group_size: int, symmetric
 
 
 @functools.cache
-def _triton_gemm():
+def _triton_kernels():
+    """(the GEMV module, the GEMM), imported on first use."""
+    from loom.plugins.quant.triton import wna16_gemv
     from loom.plugins.quant.triton.wna16 import wna16_gemm
-    return wna16_gemm
+    return wna16_gemv, wna16_gemm
 
 
 class WNA16Scheme(Scheme):
@@ -94,6 +112,7 @@ class WNA16Scheme(Scheme):
     g_idx may put input rows in any group."""
 
     act_order = False
+    kernels_on_cpu = False   # tests: the Triton kernels on the CPU too (needs TRITON_INTERPRET=1)
 
     def __init__(self, bits: int, group_size: int):
         if bits not in (4, 8):
@@ -139,13 +158,18 @@ class WNA16Scheme(Scheme):
 
     def process_after_loading(self, layer):
         codes, scales, zeros, g_idx = self.canonical(layer)
-        k, dtype = codes.shape[0], self.params_dtype
+        k, groups, dtype = codes.shape[0], scales.shape[0], self.params_dtype
+        perm = None
         if g_idx is not None:
-            g_idx = self.shared_g_idx(g_idx - self.group_offset(layer), k, scales.shape[0])
-        self.replace(layer, w_q=pack_cols(codes, self.bits),
-                     w_scales=scales.to(dtype).contiguous(),
-                     w_zeros=zeros.to(dtype).contiguous(), w_g_idx=g_idx)
-        layer.group_size = k if self.groups(k) == 1 else self.group_size
+            g_idx = self.shared_g_idx(g_idx - self.group_offset(layer), k, groups)
+        if g_idx is not None:
+            perm = act_order_perm(g_idx, groups)
+        if perm is not None:
+            codes, g_idx = codes[perm.long()], None
+        self.replace(layer, w_q=pack_cols(codes.t(), self.bits),
+                     w_scales=scales.t().to(dtype).contiguous(),
+                     w_zeros=zeros.t().to(dtype).contiguous(), w_g_idx=g_idx, w_perm=perm)
+        layer.group_size = k // groups
 
     def shared_g_idx(self, g_idx: torch.Tensor, k: int, groups: int) -> torch.Tensor | None:
         """One g_idx for all shards (the same input gives them the same act order); None if
@@ -162,21 +186,31 @@ class WNA16Scheme(Scheme):
         return None if torch.equal(g_idx, default) else g_idx.contiguous()
 
     def dequantize(self, layer):
-        return dequantize(layer.w_q, layer.w_scales, layer.w_zeros, layer.w_g_idx, self.bits,
-                          layer.group_size).t()
+        w = dequantize(layer.w_q, layer.w_scales, layer.w_zeros, layer.w_g_idx, self.bits,
+                       layer.group_size)
+        if layer.w_perm is None:
+            return w
+        return torch.empty_like(w).index_copy_(1, layer.w_perm.long(), w)
 
     def apply(self, layer, x, bias):
         x2 = x.reshape(-1, x.shape[-1])
-        if x.is_cuda:
-            y = _triton_gemm()(x2, layer.w_q, layer.w_scales, layer.w_zeros, layer.w_g_idx,
-                               self.bits, layer.group_size)
+        if x.is_cuda or self.kernels_on_cpu:
+            y = self.triton_matmul(layer, x2, bias)
         else:
             w = dequantize(layer.w_q, layer.w_scales.to(x.dtype), layer.w_zeros.to(x.dtype),
                            layer.w_g_idx, self.bits, layer.group_size)
-            y = x2 @ w
-        if bias is not None:
-            y = y + bias
+            xs = x2 if layer.w_perm is None else x2[:, layer.w_perm.long()]
+            y = xs @ w.t() if bias is None else torch.addmm(bias, xs, w.t())
         return y.view(*x.shape[:-1], y.shape[-1])
+
+    def triton_matmul(self, layer, x2, bias):
+        """The GEMV (bias fused) for the rows of a decode step, the GEMM beyond."""
+        gemv, gemm = _triton_kernels()
+        args = (layer.w_q, layer.w_scales, layer.w_zeros)
+        if gemv.gemv_supported(x2, layer.w_q, self.bits, layer.group_size, layer.w_g_idx):
+            return gemv.wna16_gemv(x2, *args, layer.w_perm, self.bits, layer.group_size, bias)
+        y = gemm(x2, *args, layer.w_g_idx, self.bits, layer.group_size, perm=layer.w_perm)
+        return y if bias is None else y + bias
 
 
 class GPTQLayout(WNA16Scheme):
