@@ -143,6 +143,20 @@ with tarfile.open('$OUT/flashinfer-jit.tar.xz', 'w:xz') as t:
           | grep -v "^Processed" | grep -i "throughput\|tok/s\|error\|blocks\|captured\|weights\|Traceback" | tail -10
       done
       ;;
+    quant-gemv)
+      # The W4A16/W8A16 GEMV sweep at decode rows (GEMV_LINEARS: which linears).
+      log "quant GEMV sweep: ${GEMV_LINEARS:-qkv o_proj gate_up down}"
+      timeout ${GEMV_TIMEOUT:-300} python3 benchmarks/kernels_quant.py --gemv-only --rows 1 \
+        --linears ${GEMV_LINEARS:-qkv o_proj gate_up down} --json "$OUT/kernels_quant_gemv_h200.json" 2>&1 | tail -40
+      ;;
+    quant-latency)
+      # Batch-1 decode of 4-bit GPTQ and AWQ (Llama-3-8B shape, random weights) against bf16.
+      for c in llama3-8b llama3-8b-gptq llama3-8b-awq; do
+        log "latency batch 1, 128 in / 256 out: $c"
+        loom --log-level WARNING bench latency --config configs/$c.yaml --batch-size 1 --input-len 128 \
+          --output-len 256 --num-iters 3 --num-iters-warmup 1 --json "$OUT/latency_b1_$c.json" 2>&1 | tail -4
+      done
+      ;;
     *) echo "unknown phase $phase"; exit 2 ;;
   esac
 done
