@@ -88,23 +88,24 @@ def prefill_us(cls, chunk, prefix, seqs, dev) -> tuple[float, float]:
     return do_bench(lambda: backend.forward(q, k, v, cache, planned), warmup=10, rep=50) * 1e3, plan_us
 
 
-def fp8_sweep(pm, dev, copy_gbps) -> list[dict]:
+def fp8_sweep(pm, dev, copy_gbps, prefill: bool = True) -> list[dict]:
     """Triton over an fp8 cache (fp16 conversion): decode tile x warps, prefill block rows."""
     from loom.plugins.attention.triton import backend as B
     cls = pm.get("attention_backend", "triton")
     set_kv("fp8-fp16")
     rows = []
-    default = B.DECODE_TILE[1], B.DECODE_WARPS[1], B.PREFILL_BLOCK_M[1]
-    for tile, warps in ((64, 2), (64, 4), (128, 2), (128, 4), (128, 8), (256, 4), (256, 8)):
-        B.DECODE_TILE[1], B.DECODE_WARPS[1] = tile, warps
-        for batch, ctx in ((1, 1024), (32, 8192), (256, 1024), (256, 8192)):
+    default = B.DECODE_TILE[1], B.DECODE_WARPS[1], B.DECODE_STAGES[1], B.PREFILL_BLOCK_M[1]
+    for tile, warps, stages in ((128, 4, 2), (128, 4, 3), (128, 4, 4), (128, 4, 5), (64, 2, 4),
+                                (64, 4, 4), (128, 2, 4), (256, 8, 3), (64, 1, 4), (128, 8, 4)):
+        B.DECODE_TILE[1], B.DECODE_WARPS[1], B.DECODE_STAGES[1] = tile, warps, stages
+        for batch, ctx in ((1, 1024), (32, 8192), (256, 1024), (256, 2048), (256, 8192)):
             us = decode_us(cls, batch, ctx, dev)
             gbs = batch * ctx * KVH * D * 2 / us / 1e3
             rows.append(dict(backend="triton", kv="fp8-fp16", kind="decode-sweep", tile=tile,
-                             warps=warps, batch=batch, context=ctx, us=round(us, 1),
+                             warps=warps, stages=stages, batch=batch, context=ctx, us=round(us, 1),
                              of_copy=round(gbs / copy_gbps, 3)))
             print(json.dumps(rows[-1]), flush=True)
-    for block_m in (64, 128):
+    for block_m in (64, 128) if prefill else ():
         B.PREFILL_BLOCK_M[1] = block_m
         for chunk, prefix, seqs in PREFILL:
             us, _ = prefill_us(cls, chunk, prefix, seqs, dev)
@@ -113,7 +114,7 @@ def fp8_sweep(pm, dev, copy_gbps) -> list[dict]:
                              block_m=block_m, chunk=chunk, prefix=prefix, seqs=seqs,
                              us=round(us, 1), TFLOPs=round(tf)))
             print(json.dumps(rows[-1]), flush=True)
-    B.DECODE_TILE[1], B.DECODE_WARPS[1], B.PREFILL_BLOCK_M[1] = default
+    B.DECODE_TILE[1], B.DECODE_WARPS[1], B.DECODE_STAGES[1], B.PREFILL_BLOCK_M[1] = default
     return rows
 
 
@@ -129,6 +130,8 @@ def set_kv(kv: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--backends", nargs="+", default=["triton", "flashinfer", "flash_attn"])
+    ap.add_argument("--decode-sweep-only", action="store_true",
+                    help="only the fp8 decode sweep")
     ap.add_argument("--fp8", action="store_true",
                     help="also triton over an fp8 cache, with each fp8 conversion")
     ap.add_argument("--out")
@@ -139,8 +142,8 @@ def main() -> None:
     result = {"device": torch.cuda.get_device_name(), "heads": [H, KVH, D], "dtype": "bf16",
               "ceilings": ceilings(dev), "rows": []}
     print(json.dumps(result["ceilings"]), flush=True)
-    variants = [(name, "bf16") for name in args.backends]
-    if args.fp8:
+    variants = [] if args.decode_sweep_only else [(name, "bf16") for name in args.backends]
+    if args.fp8 and not args.decode_sweep_only:
         variants += [("triton", f"fp8-{c}") for c in ("fp16", "cast")]
     for name, kv in variants:
         cls = pm.get("attention_backend", name)
@@ -166,8 +169,9 @@ def main() -> None:
             result["rows"].append(row)
             print(json.dumps(row), flush=True)
         print(f"{name} {kv}: {time.time() - t0:.0f} s (compiles included)", flush=True)
-    if args.fp8:
-        result["rows"] += fp8_sweep(pm, dev, result["ceilings"]["copy_GBps"])
+    if args.fp8 or args.decode_sweep_only:
+        result["rows"] += fp8_sweep(pm, dev, result["ceilings"]["copy_GBps"],
+                                    prefill=not args.decode_sweep_only)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

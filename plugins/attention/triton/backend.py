@@ -23,6 +23,7 @@ from loom.attention import AttentionBackend, AttentionMetadata
 # tiles take more keys to keep as many bytes in flight.
 DECODE_TILE = {2: 64, 4: 64, 1: 128}     # keys per inner-loop step of the decode kernel
 DECODE_WARPS = {2: 2, 4: 2, 1: 4}
+DECODE_STAGES = {2: 3, 4: 3, 1: 3}       # software-pipeline depth of the decode loop
 PREFILL_TILE = 64         # keys per inner-loop step of the prefill kernel
 PREFILL_BLOCK_M = {2: 64, 4: 64, 1: 128}  # query rows (tokens x group heads) per prefill
 #                                          program, long chunks
@@ -91,7 +92,8 @@ class TritonAttention(AttentionBackend):
         size = kv_cache.element_size()
         self.kernels.decode_attention(out, q, kv_cache, metadata.block_tables, metadata.seq_lens,
                                       num_decodes, self.scale, splits, DECODE_TILE[size],
-                                      DECODE_WARPS[size], self.k_scale, self.v_scale)
+                                      DECODE_WARPS[size], self.k_scale, self.v_scale,
+                                      num_stages=DECODE_STAGES[size])
 
     def _prefill(self, out, q, kv_cache, metadata: AttentionMetadata) -> None:
         """The sequences after the decodes; eager, so it may size its launch by host values."""

@@ -261,7 +261,7 @@ def prefill_attention(out, q, kv_cache, block_tables, seq_lens, query_start_loc,
 
 def decode_attention(out, q, kv_cache, block_tables, seq_lens, num_seqs: int, scale: float,
                      num_splits: int, tile: int, num_warps: int, k_scale: float = 1.0,
-                     v_scale: float = 1.0) -> None:
+                     v_scale: float = 1.0, num_stages: int = 3) -> None:
     """Sequences 0..num_seqs-1, decodes (token i is sequence i's query), each one's keys cut
     into num_splits (a power of two) ranges. The grid depends only on num_seqs and num_splits.
     k_scale/v_scale: an fp8 cache's scales."""
@@ -279,7 +279,8 @@ def decode_attention(out, q, kv_cache, block_tables, seq_lens, num_seqs: int, sc
         block_tables.stride(0), *_cache_strides(kv_cache), NUM_HEADS=num_heads,
         GROUP=num_heads // num_kv_heads, HEAD_SIZE=head_size, HEAD_PAD=_pad(head_size),
         BLOCK_SIZE=kv_cache.shape[2], BLOCK_H=_pad(num_heads // num_kv_heads), TILE=tile,
-        NUM_SPLITS=num_splits, FP16=reads_fp8_as_fp16(kv_cache, q), num_warps=num_warps)
+        NUM_SPLITS=num_splits, FP16=reads_fp8_as_fp16(kv_cache, q), num_warps=num_warps,
+        num_stages=num_stages)
     if num_splits > 1:
         _reduce_splits[(num_seqs, num_heads)](
             out, part_out, part_lse, out.stride(0), out.stride(1), NUM_HEADS=num_heads,
