@@ -1,0 +1,315 @@
+"""Capacity of the `loom serve` front end, with an engine core that runs no model.
+
+    python benchmarks/server_frontend.py [--requests 1024] [--concurrency 256]
+        [--prompt-len 128] [--output-len 128] [--step-ms 0] [--engine-core process]
+        [--logprobs N] [--profile OUT.prof] [--json OUT.json]
+
+The real front end (uvicorn, the FastAPI app, AsyncEngine, the output processor) serves
+/v1/completions streams over loopback. Its engine core is the real one (its own process,
+scheduler and KV cache) with the model step replaced: each step "samples" a fixed
+pseudo-random token per sequence at once, or after --step-ms. The load comes from another
+process, a bare asyncio HTTP client that only splits the events, so the front end (one
+process, one event loop) is what runs out first.
+
+It prints the output tokens/s and SSE events/s the front end sustained and the CPU seconds
+its process spent per output token (the engine core's and the client's are shown apart).
+--profile writes a cProfile of the event loop's thread (read with `python -m pstats`).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import json
+import multiprocessing
+import os
+import socket
+import subprocess
+import threading
+import time
+import zlib
+from dataclasses import asdict, dataclass
+
+MODEL_NAME = "frontend-bench"
+
+
+# ---- the engine core's fake model (runs in the core's process) -------------------------------
+class InstantStep:
+    """The result of a step launched without a model: one token for each sequence whose
+    prompt is done, ready ``step_s`` after the device (a clock) is free to start it."""
+
+    def __init__(self, scheduler, sched, ready_at: float, vocab: int):
+        from loom.scheduler_output import ModelRunnerOutput
+
+        self.ready_at = ready_at
+        self.output = ModelRunnerOutput()
+        for rid in sched.num_scheduled_tokens:
+            req = scheduler.requests[rid]
+            if req.num_computed_tokens >= req.num_tokens:       # the prompt is all in
+                position = req.num_tokens
+                token = 4 + (zlib.crc32(rid.encode()) + position * 7919) % (vocab - 4)
+                self.output.req_ids.append(rid)
+                self.output.sampled_token_ids.append([token])
+        self.output.logprobs = [None] * len(self.output.req_ids)
+
+    def result(self):
+        delay = self.ready_at - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        return self.output
+
+
+def fake_model(core) -> None:
+    """EngineCore setup: steps take ``LOOM_BENCH_STEP_MS`` and run no model."""
+    step_s = float(os.environ.get("LOOM_BENCH_STEP_MS", "0")) / 1e3
+    vocab = core.model_config.vocab_size
+    device_free_at = 0.0
+
+    def execute_async(sched):
+        nonlocal device_free_at           # steps run one after another, as on a device
+        device_free_at = max(time.perf_counter(), device_free_at) + step_s
+        return InstantStep(core.scheduler, sched, device_free_at, vocab)
+
+    core.executor.execute_async = execute_async
+
+
+# ---- the load (runs in a process of its own) --------------------------------------------------
+@dataclass
+class ClientFigures:
+    completed: int = 0
+    failed: int = 0
+    events: int = 0             # SSE events with choices, over all streams
+    output_tokens: int = 0      # from the usage chunks
+    elapsed_s: float = 0.0
+    ttft_s_mean: float = 0.0
+    cpu_s: float = 0.0
+
+
+def request_bytes(port: int, prompt: list[int], args) -> bytes:
+    body = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": args.output_len,
+            "temperature": 0.0, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    if args.logprobs is not None:
+        body["logprobs"] = args.logprobs
+    data = json.dumps(body).encode()
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n"
+            "Connection: close\r\n\r\n")
+    return head.encode() + data
+
+
+def dechunk(body: bytes) -> bytes:
+    """A chunked transfer-encoded body, decoded."""
+    out, pos = [], 0
+    while True:
+        end = body.index(b"\r\n", pos)
+        size = int(body[pos:end].split(b";")[0], 16)
+        if size == 0:
+            return b"".join(out)
+        out.append(body[end + 2:end + 2 + size])
+        pos = end + 2 + size + 2
+
+
+async def one_stream(port: int, request: bytes) -> tuple[int, int, float]:
+    """(events with choices, completion tokens, seconds to the first event) of one stream."""
+    start = time.perf_counter()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    parts, first = [], None
+    while data := await reader.read(1 << 16):
+        if first is None and b"data: " in data:
+            first = time.perf_counter() - start
+        parts.append(data)
+    writer.close()
+    raw = b"".join(parts)
+    head, _, body = raw.partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 200"):
+        raise RuntimeError(head.split(b"\r\n")[0].decode())
+    events = [e for e in dechunk(body).split(b"\n\n") if e.startswith(b"data: {")]
+    usage = json.loads(events[-1][6:])
+    if "error" in usage:
+        raise RuntimeError(str(usage["error"]))
+    return len(events) - 1, usage["usage"]["completion_tokens"], first or 0.0
+
+
+async def drive(port: int, args) -> ClientFigures:
+    prompts = [[(7 + i * 31 + j * 13) % 400 + 4 for j in range(args.prompt_len)]
+               for i in range(args.requests)]
+    requests = [request_bytes(port, p, args) for p in prompts]
+    limit = asyncio.Semaphore(args.concurrency)
+    figures = ClientFigures()
+    ttfts = []
+
+    async def one(request: bytes) -> None:
+        async with limit:
+            try:
+                events, tokens, ttft = await one_stream(port, request)
+            except Exception as e:  # noqa: BLE001 - counted; the first few are shown
+                figures.failed += 1
+                if figures.failed <= 3:
+                    print(f"request failed: {type(e).__name__}: {e}", flush=True)
+                return
+        figures.completed += 1
+        figures.events += events
+        figures.output_tokens += tokens
+        ttfts.append(ttft)
+
+    cpu, start = time.process_time(), time.perf_counter()
+    await asyncio.gather(*(one(r) for r in requests))
+    figures.elapsed_s = time.perf_counter() - start
+    figures.cpu_s = time.process_time() - cpu
+    figures.ttft_s_mean = sum(ttfts) / max(1, len(ttfts))
+    return figures
+
+
+def client_main(port: int, args, results) -> None:
+    results.put(asdict(asyncio.run(drive(port, args))))
+
+
+# ---- the server (this process) ----------------------------------------------------------------
+def build_server(args):
+    import uvicorn
+
+    from loom.async_engine import AsyncEngine
+    from loom.config import build_config
+    from loom.demo_model import ensure_demo_model
+    from loom.server.app import DrainingServer, build_app
+    from loom.server.serving import ServerSettings
+
+    os.environ["LOOM_BENCH_STEP_MS"] = str(args.step_ms)
+    blocks_per_seq = -(-(args.prompt_len + args.output_len) // 16) + 1
+    config = build_config({"model": str(ensure_demo_model()), "dtype": "float32",
+                           "block_size": 16, "max_num_seqs": args.concurrency,
+                           "max_model_len": args.prompt_len + args.output_len + 16,
+                           "num_gpu_blocks_override": args.concurrency * blocks_per_seq + 64,
+                           "max_num_batched_tokens": max(8192, args.prompt_len)})
+    engine = AsyncEngine(config, engine_core=args.engine_core, setup=fake_model)
+    app = build_app(engine, ServerSettings([MODEL_NAME]))
+    server = DrainingServer(uvicorn.Config(app, log_level="warning"))
+    return engine, server
+
+
+def serve_in_thread(server, sock, profiler):
+    def run():
+        if profiler is not None:
+            profiler.enable()
+        try:
+            server.run(sockets=[sock])
+        finally:
+            if profiler is not None:
+                profiler.disable()
+
+    thread = threading.Thread(target=run, name="frontend", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the server did not start")
+        time.sleep(0.02)
+    return thread
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run(args) -> dict:
+    engine, server = build_server(args)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    profiler = cProfile.Profile() if args.profile else None
+    thread = serve_in_thread(server, sock, profiler)
+    core_pid = engine.client.process.pid if args.engine_core == "process" else None
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    client = ctx.Process(target=client_main, args=(port, args, results))
+    cpu = time.process_time()
+    core_cpu = process_cpu_s(core_pid) if core_pid else 0.0
+    client.start()
+    figures = results.get()
+    frontend_cpu = time.process_time() - cpu
+    core_cpu = process_cpu_s(core_pid) - core_cpu if core_pid else None
+    client.join()
+    server.should_exit = True
+    thread.join(60)
+    if profiler is not None:
+        profiler.dump_stats(args.profile)
+    return summarize(args, figures, frontend_cpu, core_cpu)
+
+
+def summarize(args, client: dict, frontend_cpu: float, core_cpu: float | None) -> dict:
+    elapsed, tokens, events = client["elapsed_s"], client["output_tokens"], client["events"]
+    expected = args.requests * args.output_len
+    figures = {
+        "requests": args.requests, "concurrency": args.concurrency,
+        "prompt_len": args.prompt_len, "output_len": args.output_len, "step_ms": args.step_ms,
+        "engine_core": args.engine_core, "logprobs": args.logprobs,
+        "completed": client["completed"], "failed": client["failed"],
+        "output_tokens": tokens, "all_tokens_arrived": tokens == expected,
+        "elapsed_s": elapsed, "output_tok_s": tokens / elapsed, "events_s": events / elapsed,
+        "tokens_per_event": tokens / max(1, events), "ttft_s_mean": client["ttft_s_mean"],
+        "frontend_cpu_s": frontend_cpu, "frontend_cpu_us_per_token": 1e6 * frontend_cpu / tokens,
+        "frontend_cpu_share": frontend_cpu / elapsed,
+        "core_cpu_s": core_cpu, "client_cpu_s": client["cpu_s"],
+    }
+    if args.step_ms:
+        # A front end that keeps up delivers a token per sequence per step.
+        figures["ideal_output_tok_s"] = args.concurrency * 1e3 / args.step_ms
+    return figures
+
+
+def report(f: dict) -> str:
+    lines = [f"{f['completed']} streams ({f['failed']} failed), {f['output_tokens']} tokens in "
+             f"{f['elapsed_s']:.2f} s: {f['output_tok_s']:.0f} output tok/s, "
+             f"{f['events_s']:.0f} SSE events/s ({f['tokens_per_event']:.2f} tokens/event), "
+             f"TTFT mean {f['ttft_s_mean'] * 1e3:.0f} ms",
+             f"front end: {f['frontend_cpu_s']:.2f} CPU s = "
+             f"{f['frontend_cpu_us_per_token']:.1f} us/token, busy "
+             f"{100 * f['frontend_cpu_share']:.0f}% of the wall time; client "
+             f"{f['client_cpu_s']:.2f} CPU s"
+             + (f", engine core {f['core_cpu_s']:.2f} CPU s" if f["core_cpu_s"] is not None
+                else "")]
+    if "ideal_output_tok_s" in f:
+        lines.append(f"ideal at {f['step_ms']} ms/step: {f['ideal_output_tok_s']:.0f} tok/s "
+                     f"(reached {100 * f['output_tok_s'] / f['ideal_output_tok_s']:.0f}%)")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--requests", type=int, default=1024)
+    p.add_argument("--concurrency", type=int, default=256, help="streams open at once")
+    p.add_argument("--prompt-len", type=int, default=128, help="prompt token ids per request")
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--step-ms", type=float, default=0.0,
+                   help="how long each engine step takes (0: no wait)")
+    p.add_argument("--engine-core", choices=["process", "thread"], default="process")
+    p.add_argument("--logprobs", type=int, help="ask for this many logprobs per token")
+    p.add_argument("--profile", metavar="PATH", help="cProfile the event loop's thread")
+    p.add_argument("--json", metavar="PATH", help="write the figures here")
+    args = p.parse_args()
+    for name in ("requests", "concurrency", "prompt_len", "output_len"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')}: must be > 0")
+    figures = run(args)
+    print(report(figures))
+    if args.json:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True).stdout.strip()
+        record = {"benchmark": "server_frontend", "commit": commit,
+                  "device": f"host CPU, {os.cpu_count()} cores (no model)",
+                  "command": "python benchmarks/server_frontend.py " + " ".join(
+                      f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+                      if v is not None and k not in ("json", "profile")),
+                  "figures": figures}
+        with open(args.json, "w") as f:
+            json.dump(record, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
