@@ -372,6 +372,10 @@ async def gather_final(streams: list[RequestStream]) -> list[RequestOutput]:
 
 async def merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
     """(stream index, output) from several streams, as they come."""
+    if len(streams) == 1:                   # the common case: no task per output
+        async for out in streams[0]:
+            yield 0, out
+        return
     iters = [aiter(s) for s in streams]
     pending = {asyncio.ensure_future(anext(it)): i for i, it in enumerate(iters)}
     try:
