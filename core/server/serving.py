@@ -20,6 +20,7 @@ GENERATION_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_pen
 MAX_N = 128
 MIN_LOGPROB = -9999.0            # JSON has no -inf
 DONE = "data: [DONE]\n\n"
+JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))   # one, not one per event
 CHAT_NAMES = {"logprobs": "top_logprobs"}   # SamplingParams field -> chat request field
 
 
@@ -355,7 +356,7 @@ def engine_failed(error: EngineDeadError) -> APIError:
 
 
 def sse(body: dict) -> str:
-    return f"data: {json.dumps(body, ensure_ascii=False, separators=(',', ':'))}\n\n"
+    return f"data: {JSON.encode(body)}\n\n"
 
 
 def close_all(streams: list[RequestStream]) -> None:
