@@ -185,7 +185,8 @@ def build_server(args):
                            "max_num_batched_tokens": max(8192, args.prompt_len)})
     engine = AsyncEngine(config, engine_core=args.engine_core, setup=fake_model)
     app = build_app(engine, ServerSettings([MODEL_NAME]))
-    server = DrainingServer(uvicorn.Config(app, log_level="warning"))
+    server = DrainingServer(uvicorn.Config(app, log_level="warning", http=args.http,
+                                           loop=args.loop))
     return engine, server
 
 
@@ -248,7 +249,8 @@ def summarize(args, client: dict, frontend_cpu: float, core_cpu: float | None) -
     figures = {
         "requests": args.requests, "concurrency": args.concurrency,
         "prompt_len": args.prompt_len, "output_len": args.output_len, "step_ms": args.step_ms,
-        "engine_core": args.engine_core, "logprobs": args.logprobs,
+        "engine_core": args.engine_core, "logprobs": args.logprobs, "http": args.http,
+        "loop": args.loop,
         "completed": client["completed"], "failed": client["failed"],
         "output_tokens": tokens, "all_tokens_arrived": tokens == expected,
         "elapsed_s": elapsed, "output_tok_s": tokens / elapsed, "events_s": events / elapsed,
@@ -290,6 +292,10 @@ def main() -> None:
                    help="how long each engine step takes (0: no wait)")
     p.add_argument("--engine-core", choices=["process", "thread"], default="process")
     p.add_argument("--logprobs", type=int, help="ask for this many logprobs per token")
+    p.add_argument("--http", choices=["auto", "h11", "httptools"], default="auto",
+                   help="uvicorn's HTTP parser (auto: httptools where installed, as loom serve)")
+    p.add_argument("--loop", choices=["auto", "asyncio", "uvloop"], default="auto",
+                   help="uvicorn's event loop (auto: uvloop where installed, as loom serve)")
     p.add_argument("--profile", metavar="PATH", help="cProfile the event loop's thread")
     p.add_argument("--json", metavar="PATH", help="write the figures here")
     args = p.parse_args()
