@@ -108,8 +108,11 @@ class OpenAIServing:
                 usage.add(out)
                 for c in out.outputs:
                     index = i * params.n + c.index
-                    choice = self.completion_choice(index, c, req, offsets.get(index, 0))
-                    offsets[index] = offsets.get(index, 0) + len(c.text)
+                    offset = offsets.get(index, 0)
+                    choice = self.completion_choice(index, c, req, offset)
+                    if choice["logprobs"] is not None:   # as a whole response counts them,
+                        tokens = choice["logprobs"]["tokens"]   # however the events split
+                        offsets[index] = offset + sum(map(len, tokens))
                     yield sse(meta.body("text_completion", [choice],
                                         with_usage=req.include_usage))
             if req.include_usage:
