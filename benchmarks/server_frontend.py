@@ -11,9 +11,11 @@ pseudo-random token per sequence at once, or after --step-ms. The load comes fro
 process, a bare asyncio HTTP client that only splits the events, so the front end (one
 process, one event loop) is what runs out first.
 
-It prints the output tokens/s and SSE events/s the front end sustained and the CPU seconds
-its process spent per output token (the engine core's and the client's are shown apart).
---profile writes a cProfile of the event loop's thread (read with `python -m pstats`).
+It prints the output tokens/s and SSE events/s the front end sustained, the CPU seconds its
+process spent per output token (the engine core's and the client's are shown apart), the gaps
+between a stream's reads as the client saw them (its inter-token latency) and how late the
+event loop ran a timer due every 5 ms (its stalls). --profile writes a cProfile of the event
+loop's thread (read with `python -m pstats`); py-spy works too (`py-spy record -- python ...`).
 """
 from __future__ import annotations
 
@@ -82,6 +84,9 @@ class ClientFigures:
     output_tokens: int = 0      # from the usage chunks
     elapsed_s: float = 0.0
     ttft_s_mean: float = 0.0
+    gap_ms_p50: float = 0.0     # between a stream's reads that brought data: its ITL
+    gap_ms_p99: float = 0.0
+    gap_ms_max: float = 0.0
     cpu_s: float = 0.0
 
 
@@ -110,15 +115,21 @@ def dechunk(body: bytes) -> bytes:
         pos = end + 2 + size + 2
 
 
-async def one_stream(port: int, request: bytes) -> tuple[int, int, float]:
-    """(events with choices, completion tokens, seconds to the first event) of one stream."""
+async def one_stream(port: int, request: bytes, gaps: list[float]) -> tuple[int, int, float]:
+    """(events with choices, completion tokens, seconds to the first event) of one stream;
+    the gaps between its reads after the first event go to ``gaps``."""
     start = time.perf_counter()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(request)
-    parts, first = [], None
+    parts, first, last = [], None, 0.0
     while data := await reader.read(1 << 16):
-        if first is None and b"data: " in data:
-            first = time.perf_counter() - start
+        now = time.perf_counter()
+        if first is None:
+            if b"data: " in data:
+                first = now - start
+        else:
+            gaps.append(now - last)
+        last = now
         parts.append(data)
     writer.close()
     raw = b"".join(parts)
@@ -138,12 +149,12 @@ async def drive(port: int, args) -> ClientFigures:
     requests = [request_bytes(port, p, args) for p in prompts]
     limit = asyncio.Semaphore(args.concurrency)
     figures = ClientFigures()
-    ttfts = []
+    ttfts, gaps = [], []
 
     async def one(request: bytes) -> None:
         async with limit:
             try:
-                events, tokens, ttft = await one_stream(port, request)
+                events, tokens, ttft = await one_stream(port, request, gaps)
             except Exception as e:  # noqa: BLE001 - counted; the first few are shown
                 figures.failed += 1
                 if figures.failed <= 3:
@@ -159,6 +170,10 @@ async def drive(port: int, args) -> ClientFigures:
     figures.elapsed_s = time.perf_counter() - start
     figures.cpu_s = time.process_time() - cpu
     figures.ttft_s_mean = sum(ttfts) / max(1, len(ttfts))
+    gaps.sort()
+    if gaps:
+        figures.gap_ms_p50, figures.gap_ms_p99, figures.gap_ms_max = (
+            1e3 * gaps[int(q * (len(gaps) - 1))] for q in (0.5, 0.99, 1.0))
     return figures
 
 
@@ -210,6 +225,33 @@ def serve_in_thread(server, sock, profiler):
     return thread
 
 
+class LoopLag:
+    """How late the event loop runs a callback due every ``PERIOD_S``: its stalls (a garbage
+    collection, a long callback) as a reader of the streams would feel them."""
+    PERIOD_S = 0.005
+
+    def __init__(self, loop):
+        self.loop = loop
+        self.lags: list[float] = []
+        self.running = True
+        loop.call_soon_threadsafe(self._schedule)
+
+    def _schedule(self) -> None:
+        if self.running:
+            due = self.loop.time() + self.PERIOD_S
+            self.loop.call_at(due, self._tick, due)
+
+    def _tick(self, due: float) -> None:
+        self.lags.append(self.loop.time() - due)
+        self._schedule()
+
+    def stop(self) -> dict:
+        self.running = False
+        lags = sorted(self.lags) or [0.0]
+        return {f"loop_lag_ms_{name}": 1e3 * lags[int(q * (len(lags) - 1))]
+                for name, q in (("p50", 0.5), ("p99", 0.99), ("max", 1.0))}
+
+
 def process_cpu_s(pid: int) -> float:
     """User + system CPU seconds of a process so far (Linux /proc)."""
     with open(f"/proc/{pid}/stat") as f:
@@ -231,16 +273,18 @@ def run(args) -> dict:
     client = ctx.Process(target=client_main, args=(port, args, results))
     cpu = time.process_time()
     core_cpu = process_cpu_s(core_pid) if core_pid else 0.0
+    lag = LoopLag(engine._loop)
     client.start()
     figures = results.get()
     frontend_cpu = time.process_time() - cpu
     core_cpu = process_cpu_s(core_pid) - core_cpu if core_pid else None
+    lags = lag.stop()
     client.join()
     server.should_exit = True
     thread.join(60)
     if profiler is not None:
         profiler.dump_stats(args.profile)
-    return summarize(args, figures, frontend_cpu, core_cpu)
+    return summarize(args, figures, frontend_cpu, core_cpu) | lags
 
 
 def summarize(args, client: dict, frontend_cpu: float, core_cpu: float | None) -> dict:
@@ -255,6 +299,8 @@ def summarize(args, client: dict, frontend_cpu: float, core_cpu: float | None) -
         "output_tokens": tokens, "all_tokens_arrived": tokens == expected,
         "elapsed_s": elapsed, "output_tok_s": tokens / elapsed, "events_s": events / elapsed,
         "tokens_per_event": tokens / max(1, events), "ttft_s_mean": client["ttft_s_mean"],
+        "gap_ms_p50": client["gap_ms_p50"], "gap_ms_p99": client["gap_ms_p99"],
+        "gap_ms_max": client["gap_ms_max"],
         "frontend_cpu_s": frontend_cpu, "frontend_cpu_us_per_token": 1e6 * frontend_cpu / tokens,
         "frontend_cpu_share": frontend_cpu / elapsed,
         "core_cpu_s": core_cpu, "client_cpu_s": client["cpu_s"],
@@ -270,6 +316,9 @@ def report(f: dict) -> str:
              f"{f['elapsed_s']:.2f} s: {f['output_tok_s']:.0f} output tok/s, "
              f"{f['events_s']:.0f} SSE events/s ({f['tokens_per_event']:.2f} tokens/event), "
              f"TTFT mean {f['ttft_s_mean'] * 1e3:.0f} ms",
+             f"gaps in a stream: p50 {f['gap_ms_p50']:.1f} ms, p99 {f['gap_ms_p99']:.1f} ms, "
+             f"max {f['gap_ms_max']:.0f} ms; event loop late by p50 {f['loop_lag_ms_p50']:.1f} "
+             f"ms, p99 {f['loop_lag_ms_p99']:.1f} ms, max {f['loop_lag_ms_max']:.0f} ms",
              f"front end: {f['frontend_cpu_s']:.2f} CPU s = "
              f"{f['frontend_cpu_us_per_token']:.1f} us/token, busy "
              f"{100 * f['frontend_cpu_share']:.0f}% of the wall time; client "
