@@ -193,10 +193,11 @@ def build_server(args):
 
     os.environ["LOOM_BENCH_STEP_MS"] = str(args.step_ms)
     blocks_per_seq = -(-(args.prompt_len + args.output_len) // 16) + 1
+    max_num_seqs = args.max_num_seqs or args.concurrency
     config = build_config({"model": str(ensure_demo_model()), "dtype": "float32",
-                           "block_size": 16, "max_num_seqs": args.concurrency,
+                           "block_size": 16, "max_num_seqs": max_num_seqs,
                            "max_model_len": args.prompt_len + args.output_len + 16,
-                           "num_gpu_blocks_override": args.concurrency * blocks_per_seq + 64,
+                           "num_gpu_blocks_override": max_num_seqs * blocks_per_seq + 64,
                            "max_num_batched_tokens": max(8192, args.prompt_len)})
     engine = AsyncEngine(config, engine_core=args.engine_core, setup=fake_model)
     app = build_app(engine, ServerSettings([MODEL_NAME]))
@@ -292,6 +293,7 @@ def summarize(args, client: dict, frontend_cpu: float, core_cpu: float | None) -
     expected = args.requests * args.output_len
     figures = {
         "requests": args.requests, "concurrency": args.concurrency,
+        "max_num_seqs": args.max_num_seqs or args.concurrency,
         "prompt_len": args.prompt_len, "output_len": args.output_len, "step_ms": args.step_ms,
         "engine_core": args.engine_core, "logprobs": args.logprobs, "http": args.http,
         "loop": args.loop,
@@ -307,7 +309,7 @@ def summarize(args, client: dict, frontend_cpu: float, core_cpu: float | None) -
     }
     if args.step_ms:
         # A front end that keeps up delivers a token per sequence per step.
-        figures["ideal_output_tok_s"] = args.concurrency * 1e3 / args.step_ms
+        figures["ideal_output_tok_s"] = figures["max_num_seqs"] * 1e3 / args.step_ms
     return figures
 
 
@@ -335,6 +337,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--requests", type=int, default=1024)
     p.add_argument("--concurrency", type=int, default=256, help="streams open at once")
+    p.add_argument("--max-num-seqs", type=int,
+                   help="sequences the engine core runs at once (default: --concurrency)")
     p.add_argument("--prompt-len", type=int, default=128, help="prompt token ids per request")
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--step-ms", type=float, default=0.0,
