@@ -4,10 +4,14 @@ waits on a step.
 The engine core (scheduler, KV cache, executor) steps elsewhere: in a process of its own (the
 default, core_client.ProcessClient) or in a thread (ThreadClient). It sends the outputs of each
 step as one message of token ids; here, on the event loop, the output processor turns them into
-RequestOutputs (detokenized, stop strings checked) for one queue per request. Requests are
+RequestOutputs (detokenized, stop strings checked) for one inbox per request. Requests are
 tokenized and checked here too, so a bad one fails alone before it reaches the core. A core that
 fails, or whose process dies, fails every request in flight with EngineDeadError and leaves the
 engine dead (health turns 503).
+
+Under load the work per token shrinks: the steps that wait when the event loop gets to them are
+processed as one (one output per request for all of them), and a reader that has not taken its
+outputs yet finds them merged into one (one SSE event for several tokens).
 """
 from __future__ import annotations
 
@@ -63,7 +67,7 @@ class AsyncEngine:
         self.on_step: Callable[[SchedulerStats | None, list[RequestOutput]], None] | None = None
         self.error: EngineDeadError | None = None
         self.final_stats: CoreStats | None = None    # the core's, when it stopped
-        self._streams: dict[str, asyncio.Queue] = {}
+        self._streams: dict[str, StreamInbox] = {}
         self._calls: dict[int, asyncio.Future] = {}
         self._call_ids = itertools.count()
         self._stopped = False
@@ -73,7 +77,7 @@ class AsyncEngine:
     def start(self) -> None:
         """Start serving; call from the event loop that will consume the outputs."""
         self._loop = asyncio.get_running_loop()
-        self.client.start(self._loop, self._on_message)
+        self.client.start(self._loop, self._on_messages)
 
     @property
     def started(self) -> bool:
@@ -108,10 +112,9 @@ class AsyncEngine:
                                         self.info.vocab_size, self.info.max_model_len)
         self.outputs.add(request_id, text, request.prompt_token_ids, params,
                          sequence_ids(request_id, params.n))
-        outputs: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = outputs
+        inbox = self._streams[request_id] = StreamInbox()
         self.client.send(request)
-        return RequestStream(self, request_id, outputs, delta)
+        return RequestStream(self, request_id, inbox, delta)
 
     def abort(self, request_id: str) -> None:
         """End a request now; the core frees its KV blocks before its next step."""
@@ -142,17 +145,29 @@ class AsyncEngine:
             raise EngineDeadError("the engine is shutting down")
 
     # ---- what the core sends (on the event loop) ---------------------------------------------
-    def _on_message(self, message) -> None:
+    def _on_messages(self, messages: list) -> None:
         try:
-            self._handle(message)
+            self._handle_all(messages)
         except Exception as e:  # noqa: BLE001 - requests must fail, not wait for outputs
             logger.exception("loom: the engine's outputs could not be processed")
             self._die(f"processing the engine core's outputs failed: {type(e).__name__}: {e}")
 
+    def _handle_all(self, messages: list) -> None:
+        """In order; the StepOutputs that follow one another are processed as one."""
+        steps: list[StepOutputs] = []
+        for message in messages:
+            if isinstance(message, StepOutputs):
+                steps.append(message)
+                continue
+            if steps:
+                self._on_step_outputs(steps)
+                steps = []
+            self._handle(message)
+        if steps:
+            self._on_step_outputs(steps)
+
     def _handle(self, message) -> None:
-        if isinstance(message, StepOutputs):
-            self._on_step_outputs(message)
-        elif isinstance(message, UtilityResult):
+        if isinstance(message, UtilityResult):
             self._on_utility_result(message)
         elif isinstance(message, Stopped):
             self.final_stats = message.stats
@@ -162,18 +177,21 @@ class AsyncEngine:
         elif isinstance(message, CoreFailed):
             self._die(message.error)
 
-    def _on_step_outputs(self, message: StepOutputs) -> None:
-        outputs, stopped = self.outputs.process(message.updates)
+    def _on_step_outputs(self, steps: list[StepOutputs]) -> None:
+        updates = steps[0].updates if len(steps) == 1 else [u for s in steps for u in s.updates]
+        outputs, stopped = self.outputs.process(updates)
         if stopped:
             self.client.send(Finish(stopped, RequestStatus.FINISHED_STOPPED))
-        for request_id, why in message.rejected.items():
-            self._reject(request_id, why)
+        for step in steps:
+            for request_id, why in step.rejected.items():
+                self._reject(request_id, why)
         if self.on_step is not None:
-            self.on_step(message.stats, outputs)
+            self.on_step(steps[-1].stats, outputs)
+        streams = self._streams
         for out in outputs:
-            stream = self._streams.get(out.request_id)
-            if stream is not None:
-                stream.put_nowait(out)
+            inbox = streams.get(out.request_id)
+            if inbox is not None:
+                inbox.put(out)
 
     def _on_utility_result(self, message: UtilityResult) -> None:
         future = self._calls.get(message.call_id)
@@ -186,9 +204,9 @@ class AsyncEngine:
 
     def _reject(self, request_id: str, why: str) -> None:
         self.outputs.finish_aborted(self.outputs.sequence_ids([request_id]))
-        stream = self._streams.get(request_id)
-        if stream is not None:
-            stream.put_nowait(ValueError(why))
+        inbox = self._streams.get(request_id)
+        if inbox is not None:
+            inbox.fail(ValueError(why))
 
     def _die(self, error: str) -> None:
         if self.error is not None:
@@ -198,8 +216,8 @@ class AsyncEngine:
         self._fail_all(self.error)
 
     def _fail_all(self, error: EngineDeadError) -> None:
-        for stream in self._streams.values():
-            stream.put_nowait(error)
+        for inbox in self._streams.values():
+            inbox.fail(error)
         for future in self._calls.values():
             if not future.done():
                 future.set_exception(error)
@@ -213,16 +231,56 @@ class AsyncEngine:
             pass
 
 
+class StreamInbox:
+    """The outputs of one request that its reader has not taken yet, held by the engine. The
+    reader is woken once however many arrive before it runs (with ``wake_on_finish``, only by
+    the finished one), and takes them merged into one."""
+
+    def __init__(self):
+        self._outputs: list[RequestOutput] = []
+        self._error: BaseException | None = None
+        self._waiter: asyncio.Future | None = None
+        self.wake_on_finish = False
+
+    def put(self, out: RequestOutput) -> None:
+        self._outputs.append(out)
+        if out.finished or not self.wake_on_finish:
+            self._wake()
+
+    def fail(self, error: BaseException) -> None:
+        """The reader gets ``error`` (instead of any output still waiting)."""
+        self._error = error
+        self._wake()
+
+    async def take(self) -> RequestOutput:
+        while self._error is None and not self._ready():
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        if self._error is not None:
+            raise self._error
+        outputs, self._outputs = self._outputs, []
+        return outputs[0] if len(outputs) == 1 else merge_deltas(outputs)
+
+    def _ready(self) -> bool:
+        return bool(self._outputs) and (self._outputs[-1].finished or not self.wake_on_finish)
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+
 class RequestStream:
     """The outputs of one request, in order: deltas (what is new), or with ``delta=False``
-    each output the whole result so far. Leaving the iteration early (or ``close()``) aborts
-    the request."""
+    each output the whole result so far. A reader that fell behind gets the deltas waiting
+    merged into one. Leaving the iteration early (or ``close()``) aborts the request."""
 
-    def __init__(self, engine: AsyncEngine, request_id: str, outputs: asyncio.Queue,
-                 delta: bool):
+    def __init__(self, engine: AsyncEngine, request_id: str, inbox: StreamInbox, delta: bool):
         self.engine = engine
         self.request_id = request_id
-        self._outputs = outputs
+        self._inbox = inbox
         self._delta = delta
         self._so_far: RequestOutput | None = None
         self.finished = False
@@ -231,7 +289,7 @@ class RequestStream:
     async def __aiter__(self) -> AsyncIterator[RequestOutput]:
         try:
             while not self.finished:
-                out = await self._next()
+                out = await self._inbox.take()
                 self.finished = out.finished
                 if not self._delta:
                     out = self._so_far = accumulate(self._so_far, out)
@@ -240,21 +298,12 @@ class RequestStream:
             self.close()
 
     async def final(self) -> RequestOutput:
-        """The whole result."""
+        """The whole result; the reader wakes only when the request has finished."""
+        self._inbox.wake_on_finish = True
         whole = None
         async for out in self:
             whole = out if not self._delta else accumulate(whole, out)
         return whole
-
-    async def _next(self) -> RequestOutput:
-        """The next delta; a reader that fell behind gets the waiting ones merged into one."""
-        item = await self._outputs.get()
-        while not self._outputs.empty() and not isinstance(item, BaseException):
-            following = self._outputs.get_nowait()
-            item = following if isinstance(following, BaseException) else accumulate(item, following)
-        if isinstance(item, BaseException):
-            raise item
-        return item
 
     def close(self) -> None:
         if self._closed:
@@ -270,15 +319,26 @@ class RequestStream:
 
 
 def accumulate(so_far: RequestOutput | None, delta: RequestOutput) -> RequestOutput:
-    """``so_far`` extended by ``delta``: per sequence, text, token ids and logprobs appended,
-    the latest finish and stop reasons."""
-    if so_far is None:
-        return delta
-    by_index = {c.index: c for c in so_far.outputs}
-    for d in delta.outputs:
-        c = by_index.get(d.index)
-        by_index[d.index] = d if c is None else CompletionOutput(
-            d.index, c.text + d.text, c.token_ids + d.token_ids, d.finish_reason,
-            d.stop_reason, None if d.logprobs is None else (c.logprobs or []) + d.logprobs,
-            d.cumulative_logprob)
-    return dataclasses.replace(delta, outputs=[by_index[i] for i in sorted(by_index)])
+    """``so_far`` extended by ``delta``."""
+    return delta if so_far is None else merge_deltas([so_far, delta])
+
+
+def merge_deltas(outputs: list[RequestOutput]) -> RequestOutput:
+    """Deltas of one request, in order, as one: per sequence the texts, token ids and logprobs
+    joined, the last finish and stop reasons; the rest from the last delta."""
+    parts: dict[int, list[CompletionOutput]] = {}
+    for out in outputs:
+        for c in out.outputs:
+            parts.setdefault(c.index, []).append(c)
+    return dataclasses.replace(outputs[-1], outputs=[join(parts[i]) for i in sorted(parts)])
+
+
+def join(parts: list[CompletionOutput]) -> CompletionOutput:
+    if len(parts) == 1:
+        return parts[0]
+    last = parts[-1]
+    logprobs = (None if last.logprobs is None
+                else [entry for c in parts for entry in (c.logprobs or ())])
+    return CompletionOutput(last.index, "".join(c.text for c in parts),
+                            [t for c in parts for t in c.token_ids], last.finish_reason,
+                            last.stop_reason, logprobs, last.cumulative_logprob)

@@ -1,9 +1,10 @@
 """The front end's end of the engine core: a process of its own (ProcessClient, the default of
 `loom serve`) or a thread of the server's process (ThreadClient, --engine-core thread).
 
-Both take the same messages (core_loop) and hand every message of the core to one callback on
-the event loop: StepOutputs, UtilityResult, Stopped, and CoreFailed when the core fails, or when
-its process ends without having been told to.
+Both take the same messages (core_loop) and hand the core's messages to one callback on the
+event loop: StepOutputs, UtilityResult, Stopped, and CoreFailed when the core fails, or when its
+process ends without having been told to. The callback gets every message waiting at once, in
+order: a front end that fell behind the core catches up on several steps in one go.
 """
 from __future__ import annotations
 
@@ -31,14 +32,16 @@ from loom.engine_core import CoreInfo, EngineCore
 logger = logging.getLogger("loom")
 
 Setup = Callable[[EngineCore], None]
-OnMessage = Callable[[object], None]
+OnMessages = Callable[[list], None]
 POLL_MS = 200               # while no output comes, how often the core process is looked at
+MAX_BATCH = 64              # messages handed over at most in one call
 KILL_WAIT_S = 5.0
 
 
 class ThreadClient:
-    """The core steps in a thread; messages pass through a queue one way and
-    ``call_soon_threadsafe`` the other. It shares the GIL with the event loop."""
+    """The core steps in a thread; messages pass through a queue each way, and the event loop
+    is woken (``call_soon_threadsafe``) once for all the messages that wait. It shares the GIL
+    with the event loop."""
 
     def __init__(self, config: EngineConfig, setup: Setup | None = None):
         self.core = EngineCore(config)
@@ -46,10 +49,12 @@ class ThreadClient:
             setup(self.core)
         self.info: CoreInfo = self.core.info()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake_pending = False              # a delivery is scheduled on the event loop
         self._thread: threading.Thread | None = None
 
-    def start(self, loop: asyncio.AbstractEventLoop, on_message: OnMessage) -> None:
-        self._loop, self._on_message = loop, on_message
+    def start(self, loop: asyncio.AbstractEventLoop, on_messages: OnMessages) -> None:
+        self._loop, self._on_messages = loop, on_messages
         self._thread = threading.Thread(target=self._run, name="loom-engine-core", daemon=True)
         self._thread.start()
 
@@ -83,10 +88,29 @@ class ThreadClient:
             return None
 
     def _reply(self, message) -> None:
+        self._outbox.put(message)
+        if self._wake_pending:
+            return
+        self._wake_pending = True
         try:
-            self._loop.call_soon_threadsafe(self._on_message, message)
+            self._loop.call_soon_threadsafe(self._deliver)
         except RuntimeError:                    # the event loop is closed: nobody listens
             pass
+
+    def _deliver(self) -> None:
+        """On the event loop: every message waiting. The flag is lowered before the queue is
+        read, so a message put after the read schedules a delivery of its own."""
+        self._wake_pending = False
+        messages = []
+        while len(messages) < MAX_BATCH:
+            try:
+                messages.append(self._outbox.get_nowait())
+            except queue.Empty:
+                break
+        else:
+            self._loop.call_soon(self._deliver)     # more are waiting: after the others run
+        if messages:
+            self._on_messages(messages)
 
 
 class ProcessClient:
@@ -152,8 +176,8 @@ class ProcessClient:
                     "starting (its output above may say why)")
 
     # ---- serving -------------------------------------------------------------------------------
-    def start(self, loop: asyncio.AbstractEventLoop, on_message: OnMessage) -> None:
-        self._reader = loop.create_task(self._read(on_message))
+    def start(self, loop: asyncio.AbstractEventLoop, on_messages: OnMessages) -> None:
+        self._reader = loop.create_task(self._read(on_messages))
 
     @property
     def alive(self) -> bool:
@@ -165,24 +189,39 @@ class ProcessClient:
             if not self._closed:
                 self._input.send(data)
 
-    async def _read(self, on_message: OnMessage) -> None:
+    async def _read(self, on_messages: OnMessages) -> None:
         sock = zmq.asyncio.Socket.from_socket(self._output)
         try:
             while True:
                 if await sock.poll(POLL_MS, zmq.POLLIN):
-                    message = pickle.loads(await sock.recv())
-                    on_message(message)
-                    if isinstance(message, (CoreFailed, Stopped)):   # its last message
-                        return
+                    messages = self._receive_waiting()
+                    if messages:
+                        on_messages(messages)
+                    if messages and isinstance(messages[-1], (CoreFailed, Stopped)):
+                        return                  # the core's last message
                 elif not self.process.is_alive():
                     if not self._stopping:
-                        on_message(CoreFailed(f"the engine core process "
-                                              f"{exit_status(self.process.exitcode)}"))
+                        on_messages([CoreFailed(f"the engine core process "
+                                                f"{exit_status(self.process.exitcode)}")])
                     return
         finally:
             sock.close()                        # and the socket it wraps
             self._close()
             self._reader_done.set()
+
+    def _receive_waiting(self) -> list:
+        """The messages that have arrived, up to the last one the core sends (CoreFailed,
+        Stopped)."""
+        messages = []
+        while len(messages) < MAX_BATCH:
+            try:
+                message = pickle.loads(self._output.recv(zmq.NOBLOCK))
+            except zmq.Again:
+                break
+            messages.append(message)
+            if isinstance(message, (CoreFailed, Stopped)):
+                break
+        return messages
 
     def shutdown(self, timeout: float) -> None:
         """Tell the core to stop; wait until its last message is read and its process has

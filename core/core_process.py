@@ -8,6 +8,7 @@ end's process is gone.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import multiprocessing
 import pickle
@@ -78,6 +79,8 @@ def start(config: EngineConfig, setup, send) -> EngineCore | None:
             logger.exception("loom: the engine core failed to start")
         send(StartupFailed(type(e).__name__, str(e)))
         return None
+    gc.collect()        # out of the collector's reach: what start-up left alive (torch, the
+    gc.freeze()         # model), so a full collection does not stall a step for 100+ ms
     send(Ready(core.info()))
     return core
 

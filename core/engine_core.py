@@ -154,6 +154,11 @@ class SequenceUpdate:
     num_draft_tokens: int = 0       # speculative decoding: drafts verified for it so far
     num_accepted_tokens: int = 0    # of which accepted
 
+    def __reduce__(self):
+        # Pickled as its field values (in field order: __init__ sets them so), which load
+        # about 3x faster than the default object state: a step sends one per sequence.
+        return SequenceUpdate, tuple(self.__dict__.values())
+
 
 @dataclass
 class CoreInfo:

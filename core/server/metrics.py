@@ -2,7 +2,8 @@
 
 Metrics.on_step runs on the event loop after every step's outputs arrive: it sets the scheduler
 gauges, turns the scheduler's running totals into counter increments, and times each request's
-tokens (TTFT, inter-token latency, end-to-end) from the outputs of the step. With speculative
+tokens (TTFT, inter-token latency, end-to-end) from the outputs of the step (or of the steps a
+front end that fell behind processed as one: then one inter-token gap spans them). With speculative
 decoding it also counts drafts, draft tokens and accepted tokens (in all and by draft position),
 from the totals the scheduler's figures carry.
 """
@@ -93,8 +94,11 @@ class Metrics:
         if stats is not None:
             self._set_scheduler_figures(stats)
         now = time.monotonic()
+        generated = 0
         for out in outputs:
-            self._observe(out, now)
+            generated += self._observe(out, now)
+        if generated:
+            self.generation_tokens.inc(generated)
 
     def _set_scheduler_figures(self, stats: SchedulerStats) -> None:
         self.running.set(stats.num_running)
@@ -118,12 +122,12 @@ class Metrics:
                 self._per_position.labels(self.model_name, str(position)).inc(count)
         self._spec_before = totals.copy()
 
-    def _observe(self, out: RequestOutput, now: float) -> None:
+    def _observe(self, out: RequestOutput, now: float) -> int:
+        """Time the request's new tokens; how many there are."""
         before, last = self._seen.get(out.request_id, (0, 0.0))
         num_tokens = before + sum(len(c.token_ids) for c in out.outputs)   # outputs are deltas
         arrival = out.metrics.get("arrival_time", now)
         if num_tokens > before:
-            self.generation_tokens.inc(num_tokens - before)
             if before == 0:
                 self.ttft.observe(now - arrival)
                 self.prompt_tokens.inc(len(out.prompt_token_ids))
@@ -138,6 +142,7 @@ class Metrics:
             self.e2e.observe(now - arrival)
             self.request_prompt.observe(len(out.prompt_token_ids))
             self.request_generation.observe(num_tokens)
+        return num_tokens - before
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -20,6 +20,7 @@ GENERATION_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_pen
 MAX_N = 128
 MIN_LOGPROB = -9999.0            # JSON has no -inf
 DONE = "data: [DONE]\n\n"
+JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))   # one, not one per event
 CHAT_NAMES = {"logprobs": "top_logprobs"}   # SamplingParams field -> chat request field
 
 
@@ -107,8 +108,11 @@ class OpenAIServing:
                 usage.add(out)
                 for c in out.outputs:
                     index = i * params.n + c.index
-                    choice = self.completion_choice(index, c, req, offsets.get(index, 0))
-                    offsets[index] = offsets.get(index, 0) + len(c.text)
+                    offset = offsets.get(index, 0)
+                    choice = self.completion_choice(index, c, req, offset)
+                    if choice["logprobs"] is not None:   # as a whole response counts them,
+                        tokens = choice["logprobs"]["tokens"]   # however the events split
+                        offsets[index] = offset + sum(map(len, tokens))
                     yield sse(meta.body("text_completion", [choice],
                                         with_usage=req.include_usage))
             if req.include_usage:
@@ -355,7 +359,7 @@ def engine_failed(error: EngineDeadError) -> APIError:
 
 
 def sse(body: dict) -> str:
-    return f"data: {json.dumps(body, ensure_ascii=False, separators=(',', ':'))}\n\n"
+    return f"data: {JSON.encode(body)}\n\n"
 
 
 def close_all(streams: list[RequestStream]) -> None:
@@ -372,6 +376,10 @@ async def gather_final(streams: list[RequestStream]) -> list[RequestOutput]:
 
 async def merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
     """(stream index, output) from several streams, as they come."""
+    if len(streams) == 1:                   # the common case: no task per output
+        async for out in streams[0]:
+            yield 0, out
+        return
     iters = [aiter(s) for s in streams]
     pending = {asyncio.ensure_future(anext(it)): i for i, it in enumerate(iters)}
     try:
