@@ -95,3 +95,24 @@ def test_gpu_engine_fp8_cache_triton_matches_torch(tmp_path):
         first = ref.logprobs[0][ref.token_ids[0]].logprob
         assert fast.token_ids[0] == ref.token_ids[0]
         assert abs(fast.logprobs[0][fast.token_ids[0]].logprob - first) < 0.05
+
+
+def test_decode_config_by_batch():
+    """fp8 caches take the small-program config only for grids of many programs per SM."""
+    from loom.plugins.attention.triton import backend as B
+    attn = TritonAttention(32, 8, 128, 128 ** -0.5, torch.float32, torch.device("cpu"))
+    attn.num_sms = 132
+    many = B.LARGE_DECODE_PROGRAMS_PER_SM * 132 // 8
+    assert attn.decode_config(1, many) == B.LARGE_FP8_DECODE
+    assert attn.decode_config(1, many - 1) == (B.DECODE_TILE[1], B.DECODE_WARPS[1],
+                                               B.DECODE_STAGES[1])
+    assert attn.decode_config(2, many * 4) == (B.DECODE_TILE[2], B.DECODE_WARPS[2],
+                                               B.DECODE_STAGES[2])
+
+
+def test_large_batch_fp8_config_matches_torch(monkeypatch):
+    """The small-program fp8 config (forced for a small batch) gives torch_ref's output."""
+    from loom.plugins.attention.triton import backend as B
+    monkeypatch.setattr(B, "LARGE_DECODE_PROGRAMS_PER_SM", 0)
+    out, ref, cache, ref_cache = run_both(DECODE_BATCH, 8, 2, dtype=torch.bfloat16)
+    assert rel_err(out, ref) < TOLERANCE[torch.bfloat16]
