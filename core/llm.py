@@ -8,6 +8,7 @@ from tqdm.auto import tqdm
 
 from loom.config import build_config
 from loom.engine import Engine
+from loom.frozen_heap import frozen_heap
 from loom.outputs import RequestOutput
 from loom.sampling_params import SamplingParams
 from loom.spec_decode.stats import SpecDecodeStats
@@ -86,11 +87,12 @@ class LLM:
         before = self.spec_decode_stats
         bar = tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm)
         try:
-            while len(done) < len(ids):
-                for out in self.engine.step():
-                    if out.finished and out.request_id in wanted:
-                        done[out.request_id] = out
-                        bar.update(1)
+            with frozen_heap():
+                while len(done) < len(ids):
+                    for out in self.engine.step():
+                        if out.finished and out.request_id in wanted:
+                            done[out.request_id] = out
+                            bar.update(1)
         except BaseException:
             self.engine.abort_request([i for i in ids if i not in done])
             raise

@@ -18,6 +18,7 @@ import torch
 
 from loom.config import EngineConfig
 from loom.engine import Engine
+from loom.frozen_heap import frozen_heap
 from loom.outputs import RequestOutput
 from loom.sampling_params import SamplingParams
 
@@ -85,23 +86,25 @@ def run_requests(engine: Engine, prompts: list[list[int]], params: SamplingParam
     tokens: dict[str, list[int]] = {i: [] for i in ids}
     first_token_step = prefill_steps = None
     engine.core.step_records = []
-    while engine.has_unfinished_requests():
-        # No synchronize here: with async scheduling a step's outputs are those of the step
-        # before, already finished on the device, and a sync would serialize host and device.
-        outputs = engine.step()
-        stamps.append(time.perf_counter())
-        for out in outputs:
-            new_tokens = sum(len(c.token_ids) for c in out.outputs)
-            tokens[out.request_id] += next((c.token_ids for c in out.outputs if c.index == 0), [])
-            if new_tokens:
-                started.add(out.request_id)
-                counts[out.request_id] = counts.get(out.request_id, 0) + new_tokens
-            if out.finished:
-                done[out.request_id] = out
-        if first_token_step is None and started:
-            first_token_step = len(stamps) - 1
-        if prefill_steps is None and len(started) == len(prompts):
-            prefill_steps = len(stamps)
+    with frozen_heap():          # no full collection over start-up's objects mid-run
+        while engine.has_unfinished_requests():
+            # No synchronize here: with async scheduling a step's outputs are those of the step
+            # before, already finished on the device, and a sync would serialize host and device.
+            outputs = engine.step()
+            stamps.append(time.perf_counter())
+            for out in outputs:
+                new_tokens = sum(len(c.token_ids) for c in out.outputs)
+                tokens[out.request_id] += next((c.token_ids for c in out.outputs
+                                                if c.index == 0), [])
+                if new_tokens:
+                    started.add(out.request_id)
+                    counts[out.request_id] = counts.get(out.request_id, 0) + new_tokens
+                if out.finished:
+                    done[out.request_id] = out
+            if first_token_step is None and started:
+                first_token_step = len(stamps) - 1
+            if prefill_steps is None and len(started) == len(prompts):
+                prefill_steps = len(stamps)
     records, engine.core.step_records = engine.core.step_records, None
     return Run(start, stamps[-1], stamps, first_token_step, prefill_steps, list(done.values()),
                records, counts, [tokens[i] for i in ids])
