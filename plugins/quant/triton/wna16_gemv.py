@@ -107,28 +107,61 @@ def _half2(lo, hi):
 
 
 @triton.jit
-def _x_pairs(x_ptr, perm_ptr, rm, rw, M, K, stride_xm, HAS_PERM: tl.constexpr,
+def _x_scale(x_ptr, perm_ptr, k_start, k_end, K, BLOCK_K: tl.constexpr, HAS_PERM: tl.constexpr,
              EVEN: tl.constexpr):
-    """The 8 inputs of each word w (k = 8w + i) as four fp16x2 pairs (x[k + p], x[k + p + 4]),
-    scaled by a power of two that brings the largest to [256, 512): no fp16 overflow in a word's
-    sum (at most 4 * 15 * 512), no fp16 underflow of small x. Also the inverse power of two."""
-    x0 = _load_plane(x_ptr, perm_ptr, rm, rw * 8, M, K, stride_xm, HAS_PERM, EVEN).to(tl.float32)
-    x1 = _load_plane(x_ptr, perm_ptr, rm, rw * 8 + 1, M, K, stride_xm, HAS_PERM, EVEN).to(tl.float32)
-    x2 = _load_plane(x_ptr, perm_ptr, rm, rw * 8 + 2, M, K, stride_xm, HAS_PERM, EVEN).to(tl.float32)
-    x3 = _load_plane(x_ptr, perm_ptr, rm, rw * 8 + 3, M, K, stride_xm, HAS_PERM, EVEN).to(tl.float32)
-    x4 = _load_plane(x_ptr, perm_ptr, rm, rw * 8 + 4, M, K, stride_xm, HAS_PERM, EVEN).to(tl.float32)
-    x5 = _load_plane(x_ptr, perm_ptr, rm, rw * 8 + 5, M, K, stride_xm, HAS_PERM, EVEN).to(tl.float32)
-    x6 = _load_plane(x_ptr, perm_ptr, rm, rw * 8 + 6, M, K, stride_xm, HAS_PERM, EVEN).to(tl.float32)
-    x7 = _load_plane(x_ptr, perm_ptr, rm, rw * 8 + 7, M, K, stride_xm, HAS_PERM, EVEN).to(tl.float32)
-    top = tl.maximum(tl.maximum(tl.maximum(tl.abs(x0), tl.abs(x1)),
-                                tl.maximum(tl.abs(x2), tl.abs(x3))),
-                     tl.maximum(tl.maximum(tl.abs(x4), tl.abs(x5)),
-                                tl.maximum(tl.abs(x6), tl.abs(x7))))
-    exponent = tl.minimum(tl.maximum(top.to(tl.int32, bitcast=True) >> 23, 9), 254)
+    """The power of two that brings the largest |x| of the inputs [k_start, k_end) to [256, 512),
+    and its inverse: a word's fp16 sum (at most 4 * 15 * 512) cannot overflow, and inputs 2^22
+    below the largest still convert to normal fp16 numbers."""
+    top = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = (rk < K) | EVEN
+        if HAS_PERM:
+            rk = tl.load(perm_ptr + rk, mask=k_ok, other=0)
+        x = tl.load(x_ptr + rk, mask=k_ok, other=0.0).to(tl.float32)
+        top = tl.maximum(top, tl.abs(x))
+    exponent = tl.minimum(tl.maximum(tl.max(top).to(tl.int32, bitcast=True) >> 23, 9), 254)
     up = ((262 - exponent) << 23).to(tl.float32, bitcast=True)      # 2^(135 - exponent)
-    down = ((exponent - 8) << 23).to(tl.float32, bitcast=True)      # its inverse
+    down = ((exponent - 8) << 23).to(tl.float32, bitcast=True)      # 2^(exponent - 135)
+    return up, down
+
+
+@triton.jit
+def _x_pairs(x_ptr, perm_ptr, rm, rw, M, K, k_words, stride_xm, up, HAS_PERM: tl.constexpr,
+             EVEN: tl.constexpr):
+    """The 8 inputs of each word w (k = 8w + i) times up, as four fp16x2 pairs
+    (x[k + p], x[k + p + 4]). Without a perm, read as two 8-byte loads per word."""
+    if HAS_PERM:
+        x0 = _load_plane(x_ptr, perm_ptr, rm, rw * 8, M, K, stride_xm, True, EVEN).to(tl.float32)
+        x1 = _load_plane(x_ptr, perm_ptr, rm, rw * 8 + 1, M, K, stride_xm, True, EVEN).to(tl.float32)
+        x2 = _load_plane(x_ptr, perm_ptr, rm, rw * 8 + 2, M, K, stride_xm, True, EVEN).to(tl.float32)
+        x3 = _load_plane(x_ptr, perm_ptr, rm, rw * 8 + 3, M, K, stride_xm, True, EVEN).to(tl.float32)
+        x4 = _load_plane(x_ptr, perm_ptr, rm, rw * 8 + 4, M, K, stride_xm, True, EVEN).to(tl.float32)
+        x5 = _load_plane(x_ptr, perm_ptr, rm, rw * 8 + 5, M, K, stride_xm, True, EVEN).to(tl.float32)
+        x6 = _load_plane(x_ptr, perm_ptr, rm, rw * 8 + 6, M, K, stride_xm, True, EVEN).to(tl.float32)
+        x7 = _load_plane(x_ptr, perm_ptr, rm, rw * 8 + 7, M, K, stride_xm, True, EVEN).to(tl.float32)
+    else:
+        quads = x_ptr.to(tl.pointer_type(tl.int64), bitcast=True) + (rw * 2)[None, :]
+        w_ok = ((rw < k_words) | EVEN)[None, :]
+        low = tl.load(quads, mask=w_ok, other=0)
+        high = tl.load(quads + 1, mask=w_ok, other=0)
+        x0, x1 = _halves(low.to(tl.int32), x_ptr.dtype.element_ty)
+        x2, x3 = _halves((low >> 32).to(tl.int32), x_ptr.dtype.element_ty)
+        x4, x5 = _halves(high.to(tl.int32), x_ptr.dtype.element_ty)
+        x6, x7 = _halves((high >> 32).to(tl.int32), x_ptr.dtype.element_ty)
     return (_half2(x0 * up, x4 * up), _half2(x1 * up, x5 * up), _half2(x2 * up, x6 * up),
-            _half2(x3 * up, x7 * up), down)
+            _half2(x3 * up, x7 * up))
+
+
+@triton.jit
+def _halves(pair, dtype: tl.constexpr):
+    """The two bf16/fp16 numbers in an int32 (low half first) as float32."""
+    if dtype == tl.bfloat16:
+        return (pair << 16).to(tl.float32, bitcast=True), \
+            (pair & -65536).to(tl.float32, bitcast=True)
+    else:
+        return (pair.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32),
+                (pair >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32))
 
 
 @triton.jit
@@ -142,7 +175,7 @@ def _int4_dot(words, zero, x01, x23, x45, x67):
 
 
 @triton.jit
-def _step(x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr, acc, rm, rn, k0, magic, M, N, K, k_words,
+def _step(x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr, acc, rm, rn, k0, magic, x_up, M, N, K, k_words,
           stride_xm, stride_wn, stride_sn, BITS: tl.constexpr, GROUP: tl.constexpr,
           ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
           SCALE_PER_STEP: tl.constexpr, HAS_PERM: tl.constexpr, EVEN: tl.constexpr,
@@ -167,9 +200,9 @@ def _step(x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr, acc, rm, rn, k0, magic, M, N, K,
         scale = tl.load(s_ptr + at, mask=w_ok, other=0.0).to(tl.float32)
         zero = tl.load(z_ptr + at, mask=w_ok, other=0.0).to(tl.float32)
     if FAST:
-        x01, x23, x45, x67, down = _x_pairs(x_ptr, perm_ptr, rm, rw, M, K, stride_xm, HAS_PERM,
-                                            EVEN)
-        return acc + scale * (_int4_dot(words, zero, x01, x23, x45, x67) * down)
+        x01, x23, x45, x67 = _x_pairs(x_ptr, perm_ptr, rm, rw, M, K, k_words, stride_xm, x_up,
+                                      HAS_PERM, EVEN)
+        return acc + scale * _int4_dot(words, zero, x01, x23, x45, x67)
     low = words | magic
     high = ((words >> 16) & 0xFFFF) | magic
     if ROWS == 1:
@@ -219,12 +252,17 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, y_ptr, part_ptr
     else:
         acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
     k_start = tl.program_id(1) * k_chunk
-    for k0 in tl.range(k_start, tl.minimum(k_start + k_chunk, K), BLOCK_K, num_stages=STAGES):
-        acc = _step(x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr, acc, rm, rn, k0, magic, M, N, K,
+    k_end = tl.minimum(k_start + k_chunk, K)
+    x_up = 1.0
+    x_down = 1.0
+    if FAST:
+        x_up, x_down = _x_scale(x_ptr, perm_ptr, k_start, k_end, K, BLOCK_K, HAS_PERM, EVEN)
+    for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=STAGES):
+        acc = _step(x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr, acc, rm, rn, k0, magic, x_up, M, N, K,
                     k_words, stride_xm, stride_wn, stride_sn, BITS, GROUP, ROWS, BLOCK_N,
                     BLOCK_K, SCALE_PER_STEP, HAS_PERM, EVEN, FAST)
     if ROWS == 1:
-        out = tl.sum(acc, 1)[None, :]
+        out = (tl.sum(acc, 1) * x_down)[None, :]
     else:
         out = acc
     mask = (rm < M)[:, None] & (rn < N)[None, :]
