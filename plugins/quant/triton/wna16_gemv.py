@@ -11,7 +11,10 @@ the float 2^23 + q*2^s, so one AND and one FMA (times 2^-s, minus 2^(23-s) + zer
 exactly (zeros are whole numbers in every format). One row of x (M = 1) meets the planes in FMAs;
 several rows (padded to 16) in one tensor-core dot per plane, against the stride-pf slice of x that
 plane multiplies. The scale multiplies once per step when a step lies in one group, else per word.
-With a perm (act order sorted at load time), x is read through it.
+With a perm (act order sorted at load time), x is read through it. One row of bf16/fp16 x over
+int4 on an NVIDIA GPU takes a PTX path instead (_int4_dot): two codes per fp16x2 instruction, x
+scaled into fp16's range by one power of two per K chunk; the fp32 planes are its reference twin
+(and what triton's interpreter runs).
 
 Splitting K gives the layers with few row blocks enough programs to fill the GPU: every split
 stores its fp32 partial sums, and the last split of a row block to finish (an atomic counter per
