@@ -313,7 +313,7 @@ def fast_dequant_applies(x: torch.Tensor, bits: int) -> bool:
     """Whether the PTX int4 path (_int4_dot) can take x: one row of bf16/fp16 x, compiled for an
     NVIDIA GPU (not triton's interpreter, not ROCm); float32 x keeps its exact fp32 planes."""
     return (bits == 4 and x.shape[0] == 1 and x.dtype in (torch.bfloat16, torch.float16)
-            and x.is_cuda and torch.version.hip is None
+            and x.data_ptr() % 8 == 0 and x.is_cuda and torch.version.hip is None
             and os.environ.get("TRITON_INTERPRET", "0") != "1")
 
 
