@@ -71,6 +71,11 @@ GEMV_CONFIGS = {   # name: config; default: the kernel's (128 rows, 128 inputs, 
     "n128k256": WNA16GemvConfig(128, 256, 4, 4),      # int4 g128: scales per word
     "n128k128p1": WNA16GemvConfig(128, 128, 4, 4, programs_per_sm=1),
     "n128k128p4": WNA16GemvConfig(128, 128, 4, 4, programs_per_sm=4),
+    # one row of bf16 x over int4 takes the PTX path unless fast_dequant is off ("pure": the
+    # fp32 planes, as before it); 256 rows per step: 23 SASS instructions per word, 128: 27
+    "pure": WNA16GemvConfig(fast_dequant=False),
+    "n256k128": WNA16GemvConfig(256, 128, 4, 4),
+    "n256k128w8": WNA16GemvConfig(256, 128, 8, 4),
 }
 TINY_LINEARS = {"qkv": (192, 256), "o_proj": (128, 256), "gate_up": (448, 256),
                 "down": (128, 512)}

@@ -31,7 +31,7 @@ def gen(request):
     return torch.Generator().manual_seed(SEED + hash(request.node.name) % 1000)
 
 
-def operands(m, n, k, bits, group_size, symmetric, with_perm, with_bias, dtype, gen):
+def operands(m, n, k, bits, group_size, symmetric, with_perm, with_bias, dtype, gen, x_gain=1.0):
     """(x, w_q [N, K/pf], scales, zeros [N, G], perm, bias) and the float32 reference y."""
     groups = 1 if group_size == -1 else k // group_size
     codes = torch.randint(0, 2**bits, (n, k), generator=gen, dtype=torch.int32)
@@ -40,7 +40,7 @@ def operands(m, n, k, bits, group_size, symmetric, with_perm, with_bias, dtype, 
         zeros = torch.full((n, groups), 2.0 ** (bits - 1), dtype=dtype)
     else:
         zeros = torch.randint(0, 2**bits, (n, groups), generator=gen).to(dtype)
-    x = torch.randn(m, k, generator=gen).to(dtype)
+    x = (torch.randn(m, k, generator=gen) * x_gain).to(dtype)
     perm = torch.randperm(k, generator=gen).to(torch.int32) if with_perm else None
     bias = torch.randn(n, generator=gen).to(dtype) if with_bias else None
     w_q = pack_cols(codes, bits)
@@ -51,9 +51,9 @@ def operands(m, n, k, bits, group_size, symmetric, with_perm, with_bias, dtype, 
 
 
 def run(m, n, k, bits, group_size, symmetric=False, with_perm=False, with_bias=False,
-        dtype=torch.float32, config=SMALL, gen=None):
+        dtype=torch.float32, config=SMALL, gen=None, x_gain=1.0):
     (x, w_q, scales, zeros, perm, bias), ref = operands(
-        m, n, k, bits, group_size, symmetric, with_perm, with_bias, dtype, gen)
+        m, n, k, bits, group_size, symmetric, with_perm, with_bias, dtype, gen, x_gain)
     on = [None if t is None else t.to(DEVICE) for t in (x, w_q, scales, zeros, perm, bias)]
     out = wna16_gemv(*on[:5], bits, k if group_size == -1 else group_size, bias=on[5],
                      config=config)
@@ -97,6 +97,16 @@ def test_configs(config, gen):
 @pytest.mark.parametrize("m", [1, 7])
 def test_half_dtypes_and_default_config(dtype, m, gen):
     run(m, 96, 512, 4, 128, with_perm=m == 7, with_bias=True, dtype=dtype, config=None, gen=gen)
+
+
+@pytest.mark.parametrize("dtype,group_size,with_perm,n,k,x_gain", [
+    (torch.bfloat16, 128, False, 64, 512, 1.0), (torch.bfloat16, 32, True, 33, 224, 3e3),
+    (torch.float16, -1, False, 40, 256, 1e-4), (torch.float16, 64, True, 48, 384, 1e3)])
+def test_int4_one_row_half_x(dtype, group_size, with_perm, n, k, x_gain, gen):
+    """One row of bf16/fp16 x over int4: on a GPU the PTX path (fp16x2 products, x scaled by a
+    power of two, so large and tiny activations keep their precision), else the fp32 planes."""
+    run(1, n, k, 4, group_size, with_perm=with_perm, with_bias=True, dtype=dtype, gen=gen,
+        x_gain=x_gain, config=WNA16GemvConfig(32, 64, 4, 2))
 
 
 def test_split_counters_are_left_at_zero(gen):
@@ -189,6 +199,7 @@ COMPILE_FOR_HOPPER = textwrap.dedent("""
 
     def compile_sm90(fn, args, constexprs, num_warps):
         sig = {name: args.get(name, "constexpr") for name in fn.arg_names}
+        constexprs = {name: value for name, value in constexprs.items() if name in sig}
         src = ASTSource(fn, sig, constexprs=constexprs)
         triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
 
@@ -197,13 +208,15 @@ COMPILE_FOR_HOPPER = textwrap.dedent("""
     gemv_args = {**ptr, "part_ptr": "*fp32", "count_ptr": "*i32", **{n: "i32" for n in (
         "M", "N", "K", "k_words", "k_chunk", "splits", "magic", "stride_xm", "stride_wn",
         "stride_sn", "stride_ym")}}
-    variants = [(1, 4, True, False, True), (1, 8, False, True, False), (16, 4, True, True, True),
-                (16, 8, False, False, True)]        # rows, bits, scale per step, perm, even
-    for rows, bits, per_step, perm, even in variants:
-        compile_sm90(_gemv_kernel, gemv_args, dict(
-            BITS=bits, GROUP=128 if per_step else 32, ROWS=rows, BLOCK_N=64, BLOCK_K=128,
-            STAGES=3, SCALE_PER_STEP=per_step, HAS_PERM=perm, HAS_BIAS=True, EVEN=even,
-            SPLIT=True), 4)
+    variants = [(1, 4, True, False, True, False), (1, 8, False, True, False, False),
+                (16, 4, True, True, True, False), (16, 8, False, False, True, False),
+                (1, 4, True, False, True, True), (1, 4, False, True, False, True)]
+    for rows, bits, per_step, perm, even, fast in variants:   # fast: the PTX int4 path
+        for x_type in ("*bf16", "*fp16") if fast else ("*bf16",):
+            compile_sm90(_gemv_kernel, {**gemv_args, "x_ptr": x_type}, dict(
+                BITS=bits, GROUP=128 if per_step else 32, ROWS=rows, BLOCK_N=64, BLOCK_K=128,
+                STAGES=3, SCALE_PER_STEP=per_step, HAS_PERM=perm, HAS_BIAS=True, EVEN=even,
+                SPLIT=True, FAST=fast), 4)
     gemm_args = {**ptr, **{n: "i32" for n in (
         "M", "N", "K", "group_size", "k_chunk", "stride_xm", "stride_wn", "stride_sn",
         "stride_ys", "stride_ym")}}
