@@ -23,7 +23,7 @@ from loom.plugins.quant.triton.wna16_gemv import (MAX_M, WNA16GemvConfig,  # noq
 
 SEED = int(os.environ.get("LOOM_TEST_SEED", random.randrange(2**31)))
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
-SMALL = WNA16GemvConfig(block_n=16, block_k=64, num_warps=4, num_stages=2)
+SMALL = WNA16GemvConfig(block_n=16, block_k=128, num_warps=4, num_stages=2)  # dots of 16 int4
 
 
 @pytest.fixture
@@ -68,8 +68,8 @@ def run(m, n, k, bits, group_size, symmetric=False, with_perm=False, with_bias=F
     (4, -1, 6, False, False, 1), (8, 32, 2, False, True, 4), (8, 64, 1, True, False, 0),
     (8, 128, 8, True, False, 2), (8, -1, 1, False, True, 2)])
 def test_bits_groups_symmetry_perm(bits, group_size, m, symmetric, with_perm, split_k, gen):
-    config = WNA16GemvConfig(16, 64, 4, 2, split_k=split_k)
-    run(m, 40, 256, bits, group_size, symmetric, with_perm, m % 2 == 1, config=config, gen=gen)
+    config = WNA16GemvConfig(16, 16 * 32 // bits, 4, 2, split_k=split_k)   # the smallest dots
+    run(m, 40, 512, bits, group_size, symmetric, with_perm, m % 2 == 1, config=config, gen=gen)
 
 
 @pytest.mark.parametrize("m", [*range(1, 9), MAX_M])
@@ -88,9 +88,16 @@ def test_odd_shapes(n, k, bits, group_size, gen):
 @pytest.mark.parametrize("config", [WNA16GemvConfig(32, 128, 4, 3), WNA16GemvConfig(16, 32, 2, 1),
                                     WNA16GemvConfig(64, 256, 8, 4, split_k=1)])
 def test_configs(config, gen):
-    """A step longer than a group (scales per word), as long, shorter (scales per step)."""
-    for m in (1, 4):
+    """A step longer than a group (scales per word), as long, shorter (scales per step); rows
+    of x that need dots only where the step makes int4 dots of 16 inputs."""
+    for m in (1, 4) if config.block_k >= 128 else (1,):
         run(m, 64, 512, 4, 128, gen=gen, config=config)
+
+
+def test_configs_too_small_for_dots_are_refused(gen):
+    """Dots of fewer than 16 inputs compile in the interpreter, not for the GPU."""
+    with pytest.raises(ValueError, match="block_k >= 128"):
+        run(4, 64, 512, 4, 128, gen=gen, config=WNA16GemvConfig(16, 64, 4, 2))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -33,6 +33,7 @@ import triton.language as tl
 
 MAX_M = 16        # rows of x the GEMV takes; a tensor-core dot pads them to 16
 DOT_ROWS = 16
+MIN_DOT = 16      # the smallest N and K of a tl.dot the compiler takes (the interpreter takes less)
 # The float 2^23, passed as an argument rather than a constant: LLVM would otherwise refold
 # (word | 2^23) & (mask | 2^23) into a two-constant LOP3 plus a register move per code.
 MAGIC = 0x4B000000
@@ -352,6 +353,11 @@ def wna16_gemv(x: torch.Tensor, w_q: torch.Tensor, scales: torch.Tensor, zeros: 
         raise ValueError(f"wna16_gemv: group size {group_size} splits the {pack}-code words")
     N = w_q.shape[0]
     cfg = config or default_config(bits, group_size)
+    if M > 1 and (cfg.block_k // pack < MIN_DOT or cfg.block_n < MIN_DOT):
+        raise ValueError(f"wna16_gemv: config block_n {cfg.block_n}, block_k {cfg.block_k} makes "
+                         f"dots of {cfg.block_n} x {cfg.block_k // pack} for {M} rows of x and "
+                         f"{bits}-bit codes; tensor-core dots need both >= {MIN_DOT} "
+                         f"(block_k >= {MIN_DOT * pack})")
     blocks = triton.cdiv(N, cfg.block_n)
     splits = _splits(blocks, K, cfg.block_k, cfg, x.device)
     k_chunk = triton.cdiv(triton.cdiv(K, cfg.block_k), splits) * cfg.block_k
