@@ -437,9 +437,10 @@ class ModelRunner:
         the scheduler may launch the next step before they reach the host."""
         proposing = ({rid for rid in hb.sampling_req_ids if rid not in backoff}
                      if self.proposing else set())
-        rows, seeds, drafts = self._position_rows(hb)
+        num_outs = self._num_outputs(hb)
+        rows, seeds, drafts = self._position_rows(hb, num_outs)
         verdict = verify_on_device(logits, rows, seeds, drafts, self._draft_probs(hb, logits))
-        forced = self._forced_paths(hb, drafts)
+        forced = self._forced_paths(hb, num_outs, drafts)
         if not proposing and not any(drafts):
             return self._tokens_on_device(hb, verdict, rows, forced)
         verified = verdict.to_host(rows, drafts)
@@ -448,7 +449,7 @@ class ModelRunner:
                 verified.token_ids[i] = path
         self._keep_sampled(hb.sampling_req_ids, to_device(
             [t[-1] for t in verified.token_ids], torch.long, self.device))
-        spec = self._propose(hb, verified.token_ids, proposing)
+        spec = self._propose(hb, num_outs, verified.token_ids, proposing)
         return ReadyOutput(ModelRunnerOutput(list(hb.sampling_req_ids), verified.token_ids,
                                              verified.logprobs, spec))
 
@@ -464,11 +465,11 @@ class ModelRunner:
         return PendingOutput(hb.sampling_req_ids, rows or [],
                              SamplerOutput(tokens, verdict.logprobs), self.device)
 
-    def _propose(self, hb: HostBatch, emitted: list[list[int]],
+    def _propose(self, hb: HostBatch, num_outs: list[int], emitted: list[list[int]],
                  proposing: set[str]) -> list[list[int]]:
         """Proposals per sampling request: none for those not ``proposing``."""
         requests = []
-        for rid, new_tokens, num_out in zip(hb.sampling_req_ids, emitted, self._num_outputs(hb)):
+        for rid, new_tokens, num_out in zip(hb.sampling_req_ids, emitted, num_outs):
             self.draft_probs.pop(rid, None)
             if rid not in proposing:
                 continue
@@ -496,7 +497,7 @@ class ModelRunner:
         return [ends[rid] - int(num_drafts) - self.requests[rid].num_prompt_tokens
                 for rid, num_drafts in zip(hb.sampling_req_ids, hb.num_drafts)]
 
-    def _forced_paths(self, hb: HostBatch, drafts: list[list[int]]
+    def _forced_paths(self, hb: HostBatch, num_outs: list[int], drafts: list[list[int]]
                       ) -> list[list[int] | None] | None:
         """The oracle's force-path: per sampling request what it emits instead (None: what
         verification says); None for other proposers."""
@@ -504,12 +505,12 @@ class ModelRunner:
         if forced is None:
             return None
         paths = []
-        for rid, num_out, d in zip(hb.sampling_req_ids, self._num_outputs(hb), drafts):
+        for rid, num_out, d in zip(hb.sampling_req_ids, num_outs, drafts):
             s = self.requests[rid]
             paths.append(forced(rid, TokenSpan(s.token_ids, 0, s.num_prompt_tokens), num_out, d))
         return paths
 
-    def _position_rows(self, hb: HostBatch):
+    def _position_rows(self, hb: HostBatch, num_outs: list[int]):
         """A SamplingRow and a seed per verified position, and each request's drafts; rows and
         seeds are None when every request is plain greedy. The outputs before position j count
         its first j drafts, as plain decoding would."""
@@ -518,7 +519,7 @@ class ModelRunner:
         if all(s.sampling_params.plain_greedy for s in states):
             return None, None, drafts                           # argmax alone decides
         rows, seeds = [], []
-        for s, num_out in zip(states, self._num_outputs(hb)):
+        for s, num_out in zip(states, num_outs):
             prompt = TokenSpan(s.token_ids, 0, s.num_prompt_tokens)
             for j in range(len(s.spec_token_ids) + 1):
                 outputs = TokenSpan(s.token_ids, s.num_prompt_tokens, len(s.token_ids))
