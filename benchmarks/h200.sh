@@ -7,6 +7,8 @@
 set -uo pipefail
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" benchmarks/results
+# Native kernels (csrc/) build here; carry .ext to reuse a build (the native phase returns it).
+export TORCH_EXTENSIONS_DIR=$PWD/.ext
 CFG=configs/llama3-8b.yaml
 log() { echo "=== $* ($(date +%T))"; }
 
@@ -143,11 +145,21 @@ with tarfile.open('$OUT/flashinfer-jit.tar.xz', 'w:xz') as t:
           | grep -v "^Processed" | grep -i "throughput\|tok/s\|error\|blocks\|captured\|weights\|Traceback" | tail -10
       done
       ;;
+    native)
+      # Build csrc/ (or load the carried build), run its GPU tests and the GEMV tests beside it.
+      log "native kernels: build"
+      /usr/bin/time -f "build %e s" python3 -c "from loom.csrc import load; load('wna16_gemv')" 2>&1 | tail -5
+      tar -czf "$OUT/ext.tar.gz" .ext 2>/dev/null
+      log "native kernels: GPU tests"
+      python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_wna16_gemv_native.py \
+        tests/test_wna16_gemv.py tests/test_quant_gpu.py 2>&1 | tail -15 | tee "$OUT/gpu_tests_native.log"
+      ;;
     quant-gemv)
       # The W4A16/W8A16 GEMV sweep at decode rows (GEMV_LINEARS: which linears).
       log "quant GEMV sweep: ${GEMV_LINEARS:-qkv o_proj gate_up down}"
-      timeout ${GEMV_TIMEOUT:-300} python3 benchmarks/kernels_quant.py --gemv-only --rows 1 \
-        --linears ${GEMV_LINEARS:-qkv o_proj gate_up down} --json "$OUT/kernels_quant_gemv_h200.json" 2>&1 | tail -40
+      timeout ${GEMV_TIMEOUT:-300} python3 benchmarks/kernels_quant.py --gemv-only --rows ${GEMV_ROWS:-1} \
+        --linears ${GEMV_LINEARS:-qkv o_proj gate_up down} ${GEMV_CONFIGS:+--configs $GEMV_CONFIGS} \
+        ${GEMV_METHODS:+--gemv-methods "$GEMV_METHODS"} --json "$OUT/kernels_quant_gemv_h200${GEMV_TAG:-}.json" 2>&1 | tail -${GEMV_TAIL:-40}
       ;;
     quant-latency)
       # Batch-1 decode of 4-bit GPTQ and AWQ (Llama-3-8B shape, random weights) against bf16.

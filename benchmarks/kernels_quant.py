@@ -40,8 +40,10 @@ from loom.models.layers import Linear
 from loom.plugins.quant.schemes.base import Dense
 from loom.plugins.quant.schemes.fp8 import Fp8Scheme
 from loom.plugins.quant.schemes.int8 import Int8W8A8, dynamic_params, quantize_act
-from loom.plugins.quant.schemes.wna16 import GPTQLayout, WNA16Scheme, dequantize
+from loom.plugins.quant.schemes.wna16 import GPTQLayout, WNA16Scheme, dequantize, unpack_cols
 from loom.plugins.quant.triton.wna16 import WNA16Config, wna16_gemm
+from loom.plugins.quant.native import wna16_gemv as native_gemv
+from loom.plugins.quant.native.wna16_gemv import NativeGemvConfig
 from loom.plugins.quant.triton.wna16_gemv import WNA16GemvConfig, wna16_gemv
 
 HIDDEN, INTERMEDIATE, LAYERS, VOCAB = 4096, 14336, 32, 128256
@@ -76,6 +78,20 @@ GEMV_CONFIGS = {   # name: config; default: the kernel's (128 rows, 128 inputs, 
     "pure": WNA16GemvConfig(fast_dequant=False),
     "n256k128": WNA16GemvConfig(256, 128, 4, 4),
     "n256k128w8": WNA16GemvConfig(256, 128, 8, 4),
+    # the native int4 GEMV (csrc/wna16_gemv.cu), 1-4 rows of x: rows per warp, loads per lane,
+    # blocks per SM
+    "cuda": NativeGemvConfig(),
+    "cuda1x4": NativeGemvConfig(1, 4, 2),
+    "cuda1x4b3": NativeGemvConfig(1, 4, 3),
+    "cuda2x4b1": NativeGemvConfig(2, 4, 1),
+    "cuda2x2b3": NativeGemvConfig(2, 2, 3),
+    "cuda1x8": NativeGemvConfig(1, 8, 2),
+    "cuda2x8": NativeGemvConfig(2, 8, 1),
+    "cuda4x2": NativeGemvConfig(4, 2, 2),
+    "cuda4x4": NativeGemvConfig(4, 4, 1),
+    "cuda1x2b4": NativeGemvConfig(1, 2, 4),
+    # torch's int4 kernel (tinygemm, _weight_int4pack_mm), bf16 x, for comparison
+    "tinygemm": "tinygemm",
 }
 TINY_LINEARS = {"qkv": (192, 256), "o_proj": (128, 256), "gate_up": (448, 256),
                 "down": (128, 512)}
@@ -231,14 +247,47 @@ def copies_of(method: str, n: int, k: int, copies: int | None) -> list[Linear]:
     return [first] + [random_layer(method, n, k) for _ in range(count - 1)]
 
 
-def gemv_call(layer: Linear, x: torch.Tensor, config: WNA16GemvConfig | None):
+def gemv_applies(layer: Linear, x: torch.Tensor, config) -> bool:
     scheme = layer.quant_method
+    if config == "tinygemm":
+        return (DEVICE == "cuda" and scheme.bits == 4 and layer.w_perm is None
+                and x.dtype == torch.bfloat16)
+    if isinstance(config, NativeGemvConfig):
+        return native_gemv.applies(x, layer.w_q, layer.w_scales, scheme.bits, layer.group_size,
+                                   layer.w_g_idx) and (
+            config.rows_per_warp, config.loads_per_lane) in NATIVE_BUILT[min(x.shape[0], 2)]
+    return True
+
+
+NATIVE_BUILT = {1: {(1, 4), (2, 4), (1, 2), (1, 8), (2, 2), (2, 8), (4, 2), (4, 4)},
+                2: {(1, 4), (2, 4)}}
+
+
+def tinygemm_call(layer: Linear, x: torch.Tensor):
+    """torch._weight_int4pack_mm on the layer's codes: w = (q - 8) * scale + (8 - zero) * scale."""
+    codes = unpack_cols(layer.w_q, 4)                                  # [N, K]
+    packed = torch._convert_weight_to_int4pack(
+        (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8), 8)
+    scales = layer.w_scales.float()
+    sz = torch.stack([scales, (8 - layer.w_zeros.float()) * scales], -1)  # [N, G, 2]
+    sz = sz.transpose(0, 1).contiguous().to(torch.bfloat16)
+    gs = layer.group_size
+    return lambda: torch._weight_int4pack_mm(x, packed, gs, sz)
+
+
+def gemv_call(layer: Linear, x: torch.Tensor, config):
+    scheme = layer.quant_method
+    if config == "tinygemm":
+        return tinygemm_call(layer, x)
+    if isinstance(config, NativeGemvConfig):
+        return lambda: native_gemv.int4_gemv(x, layer.w_q, layer.w_scales, layer.w_zeros,
+                                             layer.w_perm, layer.group_size, config=config)
     return lambda: wna16_gemv(x, layer.w_q, layer.w_scales, layer.w_zeros, layer.w_perm,
                               scheme.bits, layer.group_size, config=config)
 
 
 def bench_gemv_linear(linear: str, configs: dict, rows_m: tuple, copy_gbs: float,
-                      copies: int | None) -> list[dict]:
+                      copies: int | None, methods=GEMV_METHODS) -> list[dict]:
     """Every config of the GEMV on one linear, per method and M, against F.linear on a dense
     weight (bf16 unless --dtype)."""
     n, k = LINEARS[linear]
@@ -249,17 +298,23 @@ def bench_gemv_linear(linear: str, configs: dict, rows_m: tuple, copy_gbs: float
                 for m, x in xs.items()}
     del dense
     out = []
-    for method in GEMV_METHODS:
+    for method in methods:
         layers = copies_of(method, n, k, copies)
         nbytes = weight_bytes(layers[0])
         for m, x in xs.items():
             ref = reference(layers[0], x)
             for name, cfg in configs.items():
-                err = rel_err(gemv_call(layers[0], x, cfg)(), ref)
+                if not gemv_applies(layers[0], x, cfg):
+                    continue
+                try:
+                    err = rel_err(gemv_call(layers[0], x, cfg)(), ref)
+                except Exception as e:   # a comparison kernel missing here: say so, go on
+                    print(f"gemv {linear} {method} M={m} {name}: {type(e).__name__}: {e}")
+                    continue
                 t = time_calls([gemv_call(layer, x, cfg) for layer in layers])
                 out.append({"linear": linear, "n": n, "k": k, "method": method, "m": m,
-                            "config": name, "config_fields": None if cfg is None else
-                            dataclasses.asdict(cfg), "us": t, "gbs": nbytes / t / 1e3,
+                            "config": name, "config_fields": dataclasses.asdict(cfg)
+                            if dataclasses.is_dataclass(cfg) else cfg, "us": t, "gbs": nbytes / t / 1e3,
                             "of_copy": nbytes / t / 1e3 / copy_gbs, "dense_us": dense_us[m],
                             "vs_dense": dense_us[m] / t, "weight_bytes": nbytes, "rel_err": err})
                 print_gemv_row(out[-1])
@@ -329,6 +384,8 @@ def main() -> None:
     p.add_argument("--gemv-only", action="store_true", help="only the GEMV sweep")
     p.add_argument("--configs", nargs="*", default=list(GEMV_CONFIGS),
                    choices=list(GEMV_CONFIGS), help="GEMV configs to sweep")
+    p.add_argument("--gemv-methods", nargs="*", default=list(GEMV_METHODS),
+                   choices=list(GEMV_METHODS), help="methods of the GEMV sweep")
     p.add_argument("--linears", nargs="*", default=list(LINEARS), choices=list(LINEARS))
     p.add_argument("--rows", nargs="*", type=int, default=list(DECODE_M),
                    help="rows of x (M) for the GEMV sweep")
@@ -361,7 +418,7 @@ def main() -> None:
         configs = {name: GEMV_CONFIGS[name] for name in args.configs}
         rows = [r for linear in args.linears for r in bench_gemv_linear(
             linear, configs, tuple(args.rows), record["ceilings"]["copy_gbs"],
-            1 if args.tiny else None)]
+            1 if args.tiny else None, args.gemv_methods)]
         record["gemv"] = rows
         record["gemv_best"] = best_gemv_configs(rows)
     if args.json:

@@ -10,7 +10,8 @@ inputs, the inputs are stored in group order, ``w_perm`` [K] names the input eac
 (x is read through it) and the groups are the default k // group_size again. ``w_g_idx`` [K], the
 group of each stored input, remains only where the groups are uneven (a row-parallel rank's share
 of an act-order layer); otherwise it is None. CUDA multiplies with the Triton kernels, which
-dequantize in registers: the GEMV (triton/wna16_gemv.py) for up to 16 rows of x, the GEMM
+dequantize in registers: the GEMV for up to 16 rows of x (int4 over 1-4 rows of bf16/fp16 x: the
+native one of csrc/wna16_gemv.cu, native/wna16_gemv.py; else triton/wna16_gemv.py), the GEMM
 (triton/wna16.py) beyond; elsewhere the weight is dequantized, then multiplied (the reference
 twin).
 
@@ -98,11 +99,12 @@ def round_to_nearest(weight: torch.Tensor, bits: int, group_size: int, symmetric
 
 
 @functools.cache
-def _triton_kernels():
-    """(the GEMV module, the GEMM), imported on first use."""
+def _kernels():
+    """(the native int4 GEMV module, the Triton GEMV module, the GEMM), imported on first use."""
+    from loom.plugins.quant.native import wna16_gemv as native_gemv
     from loom.plugins.quant.triton import wna16_gemv
     from loom.plugins.quant.triton.wna16 import wna16_gemm
-    return wna16_gemv, wna16_gemm
+    return native_gemv, wna16_gemv, wna16_gemm
 
 
 class WNA16Scheme(Scheme):
@@ -170,6 +172,8 @@ class WNA16Scheme(Scheme):
                      w_scales=scales.t().to(dtype).contiguous(),
                      w_zeros=zeros.t().to(dtype).contiguous(), w_g_idx=g_idx, w_perm=perm)
         layer.group_size = k // groups
+        if self.bits == 4 and layer.w_q.is_cuda:
+            _kernels()[0].warm_up()
 
     def shared_g_idx(self, g_idx: torch.Tensor, k: int, groups: int) -> torch.Tensor | None:
         """One g_idx for all shards (the same input gives them the same act order); None if
@@ -204,9 +208,13 @@ class WNA16Scheme(Scheme):
         return y.view(*x.shape[:-1], y.shape[-1])
 
     def triton_matmul(self, layer, x2, bias):
-        """The GEMV (bias fused) for the rows of a decode step, the GEMM beyond."""
-        gemv, gemm = _triton_kernels()
+        """The GEMV (bias fused) for the rows of a decode step: the native int4 one where it
+        applies, else Triton's; the GEMM beyond."""
+        native, gemv, gemm = _kernels()
         args = (layer.w_q, layer.w_scales, layer.w_zeros)
+        if native.applies(x2, layer.w_q, layer.w_scales, self.bits, layer.group_size,
+                          layer.w_g_idx):
+            return native.int4_gemv(x2, *args, layer.w_perm, layer.group_size, bias)
         if gemv.gemv_supported(x2, layer.w_q, self.bits, layer.group_size, layer.w_g_idx):
             return gemv.wna16_gemv(x2, *args, layer.w_perm, self.bits, layer.group_size, bias)
         y = gemm(x2, *args, layer.w_g_idx, self.bits, layer.group_size, perm=layer.w_perm)

@@ -1,0 +1,435 @@
+// W4A16 GEMV for CUDA: y = x @ W^T (+ bias) for 1 to 4 rows of bf16/fp16 x (decode), W int4 in
+// the layout of plugins/quant/schemes/wna16.py: int32 [N, K/8], the code of input k in bits
+// (k % 8) * 4 of word k / 8, scales and zeros [N, G] in x's dtype (w = (q - zero) * scale), an
+// optional perm [K] (act order sorted at load time: stored input i is input perm[i]).
+//
+// The Triton GEMV (plugins/quant/triton/wna16_gemv.py) is its twin and the fallback where this
+// does not build. What differs is the memory side: each lane streams whole 16-byte loads (32
+// codes) that skip L1, a warp covers R rows at once, and the next batch of loads is issued before
+// the current one is multiplied, so every SM keeps enough bytes in flight.
+//
+// A block first converts x to fp16 in shared memory, scaled by one power of two per 32 inputs so
+// that the largest |x| lies in [128, 256): a load's 16 fp16 products per lane half (|q - zero| <=
+// 15) sum to less than 65504, and small inputs keep their precision. The pairs are stored as
+// (x[k + i], x[k + 4 + i]), the order in which a LOP3 takes a word apart: OR-ing the nibbles at
+// bits 0 and 16 into the fp16 pair 0x6400 (1024) gives (1024 + q_i, 1024 + q_(i+4)); the nibbles
+// at bits 4 and 20 give 1024 + 16 q, which one FMA by 1/16 brings to 64 + q; a shift by 8 gives
+// the other four codes. Subtracting 1024 + zero (resp. 64 + zero) leaves q - zero exactly. A
+// load's products add up in one fp16x2 register, which goes to fp32 with the group's scale.
+//
+// The grid holds at most blocks_per_sm blocks per SM, each looping over row tiles, so x is
+// converted once per block; the launch depends only on shapes (safe in a CUDA graph).
+#include <torch/extension.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kChunk = 32;  // inputs per 16-byte load: 4 words of 8 codes
+
+template <typename T>
+__device__ __forceinline__ float to_float(T v);
+template <>
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+template <>
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ __half from_float(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
+
+__device__ __forceinline__ uint4 load_streaming(const uint4* p) {
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ half2 bits_to_half2(uint32_t v) {
+  half2 h;
+  *reinterpret_cast<uint32_t*>(&h) = v;
+  return h;
+}
+
+// (w & mask) | 0x64006400 in one instruction.
+template <uint32_t kMask>
+__device__ __forceinline__ half2 nibbles_plus_1024(uint32_t w) {
+  uint32_t r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(r) : "r"(w), "n"(kMask), "n"(0x64006400));
+  return bits_to_half2(r);
+}
+
+// The word's 8 codes minus the zero, as (q_i - z, q_(i+4) - z) for i = 0..3.
+__device__ __forceinline__ void codes_minus_zero(uint32_t w, half2 minus_1024_zero,
+                                                 half2 minus_64_zero, half2 q[4]) {
+  const half2 sixteenth = __float2half2_rn(0.0625f);
+  q[0] = __hadd2(nibbles_plus_1024<0x000f000fu>(w), minus_1024_zero);
+  q[1] = __hfma2(nibbles_plus_1024<0x00f000f0u>(w), sixteenth, minus_64_zero);
+  q[2] = __hadd2(nibbles_plus_1024<0x000f000fu>(w >> 8), minus_1024_zero);
+  q[3] = __hfma2(nibbles_plus_1024<0x00f000f0u>(w >> 8), sixteenth, minus_64_zero);
+}
+
+struct Shape {
+  int N, K, G;
+  int chunks;         // K / 32: 16-byte loads per row of W
+  int group_chunks;   // loads per group (the group size / 32; K / 32 for one group)
+  int group_shift;    // log2(group_chunks) when a power of two, else -1
+  int lane_batches;   // batches of U loads a lane makes per row
+  int tiles;          // row tiles of kWarps * R rows
+  int64_t stride_xm;
+};
+
+template <typename T, int R, int U>
+struct Batch {
+  uint4 w[R][U];
+  T scale[R][U];
+  T zero[R][U];
+};
+
+// Converts the M rows of x into shared memory: pairs[m][word j][chunk u] holds the 4 fp16x2 pairs
+// (x[k + i], x[k + 4 + i]) * 2^s of inputs k = 32u + 8j .. +8, inv[m][u] the 2^-s.
+template <typename T, int M>
+__device__ void stage_x(const T* __restrict__ x, const int* __restrict__ perm, const Shape& s,
+                        bool aligned, uint4* pairs, float* inv) {
+  for (int idx = threadIdx.x; idx < M * s.chunks; idx += kThreads) {
+    const int m = idx / s.chunks, u = idx - m * s.chunks;
+    const T* row = x + m * s.stride_xm;
+    float v[kChunk];
+    if (perm != nullptr) {
+#pragma unroll
+      for (int i = 0; i < kChunk; ++i) v[i] = to_float(row[perm[u * kChunk + i]]);
+    } else if (aligned) {
+      const uint4* src = reinterpret_cast<const uint4*>(row + u * kChunk);
+#pragma unroll
+      for (int c = 0; c < kChunk * 2 / 16; ++c) {
+        uint4 raw = src[c];
+        const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) v[c * 8 + i] = to_float(e[i]);
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < kChunk; ++i) v[i] = to_float(row[u * kChunk + i]);
+    }
+    float top = 0.f;
+#pragma unroll
+    for (int i = 0; i < kChunk; ++i) top = fmaxf(top, fabsf(v[i]));
+    int e = 0;
+    if (top > 0.f && isfinite(top)) {
+      frexpf(top, &e);  // top = f * 2^e, f in [0.5, 1)
+      e = min(max(8 - e, -100), 100);
+    }
+    const float up = ldexpf(1.f, e);
+    inv[m * s.chunks + u] = ldexpf(1.f, -e);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      uint4 slot;
+      uint32_t* h = reinterpret_cast<uint32_t*>(&slot);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        half2 p = __floats2half2_rn(v[8 * j + i] * up, v[8 * j + 4 + i] * up);
+        h[i] = *reinterpret_cast<uint32_t*>(&p);
+      }
+      pairs[(m * 4 + j) * s.chunks + u] = slot;
+    }
+  }
+}
+
+// Issues the loads of batch b (U loads per lane and row) of a warp's R rows in a tile; lanes past
+// the end of a row load its last chunk again, which multiply_batch weighs by zero.
+template <typename T, int R, int U>
+__device__ __forceinline__ void load_batch(const uint4* __restrict__ w, const T* __restrict__ scales,
+                                           const T* __restrict__ zeros, const Shape& s, int tile,
+                                           int b, Batch<T, R, U>& out) {
+  const int lane = threadIdx.x % 32;
+  const int row0 = tile * kWarps * R + (threadIdx.x / 32) * R;
+  int u[U], g[U];
+#pragma unroll
+  for (int j = 0; j < U; ++j) {
+    u[j] = min((b * U + j) * 32 + lane, s.chunks - 1);
+    g[j] = s.group_shift >= 0 ? (u[j] >> s.group_shift) : u[j] / s.group_chunks;
+  }
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int row = min(row0 + r, s.N - 1);
+    const uint4* wr = w + static_cast<int64_t>(row) * s.chunks;
+    const T* sr = scales + static_cast<int64_t>(row) * s.G;
+    const T* zr = zeros + static_cast<int64_t>(row) * s.G;
+#pragma unroll
+    for (int j = 0; j < U; ++j) {
+      out.w[r][j] = load_streaming(wr + u[j]);
+      out.scale[r][j] = sr[g[j]];
+      out.zero[r][j] = zr[g[j]];
+    }
+  }
+}
+
+template <typename T, int M, int R, int U>
+__device__ __forceinline__ void multiply_batch(const Batch<T, R, U>& in, const uint4* pairs,
+                                               const float* inv, const Shape& s, int b,
+                                               float acc[R][M]) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int j = 0; j < U; ++j) {
+    const int u_raw = (b * U + j) * 32 + lane;
+    const bool valid = u_raw < s.chunks;
+    const int u = valid ? u_raw : s.chunks - 1;
+    half2 part[R][M];
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int m = 0; m < M; ++m) part[r][m] = __float2half2_rn(0.f);
+    half2 minus_1024_zero[R], minus_64_zero[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const float z = to_float(in.zero[r][j]);
+      minus_1024_zero[r] = __float2half2_rn(-1024.f - z);
+      minus_64_zero[r] = __float2half2_rn(-64.f - z);
+    }
+#pragma unroll
+    for (int word = 0; word < 4; ++word) {
+      uint4 xq[M];
+#pragma unroll
+      for (int m = 0; m < M; ++m) xq[m] = pairs[(m * 4 + word) * s.chunks + u];
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        half2 q[4];
+        const uint32_t wv = reinterpret_cast<const uint32_t*>(&in.w[r][j])[word];
+        codes_minus_zero(wv, minus_1024_zero[r], minus_64_zero[r], q);
+#pragma unroll
+        for (int m = 0; m < M; ++m) {
+          const uint32_t* xw = reinterpret_cast<const uint32_t*>(&xq[m]);
+#pragma unroll
+          for (int i = 0; i < 4; ++i) part[r][m] = __hfma2(q[i], bits_to_half2(xw[i]), part[r][m]);
+        }
+      }
+    }
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      const float down = valid ? inv[m * s.chunks + u] : 0.f;
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const float2 f = __half22float2(part[r][m]);
+        acc[r][m] = fmaf(f.x + f.y, to_float(in.scale[r][j]) * down, acc[r][m]);
+      }
+    }
+  }
+}
+
+// Multiplies batch `now` of (tile, b) after issuing the loads of the next step into `ahead`;
+// writes the warp's rows when b ends a tile. Returns false after the block's last step.
+template <typename T, int M, int R, int U>
+__device__ __forceinline__ bool step(const uint4* __restrict__ w, const T* __restrict__ scales,
+                                     const T* __restrict__ zeros, const T* __restrict__ bias,
+                                     T* __restrict__ y, const uint4* pairs, const float* inv,
+                                     const Shape& s, int& tile, int& b,
+                                     const Batch<T, R, U>& now, Batch<T, R, U>& ahead,
+                                     float acc[R][M]) {
+  int next_tile = tile, next_b = b + 1;
+  if (next_b == s.lane_batches) {
+    next_b = 0;
+    next_tile += gridDim.x;
+  }
+  const bool more = next_tile < s.tiles;
+  if (more) load_batch<T, R, U>(w, scales, zeros, s, next_tile, next_b, ahead);
+  multiply_batch<T, M, R, U>(now, pairs, inv, s, b, acc);
+  if (next_b == 0) {
+    const int lane = threadIdx.x % 32;
+    const int row0 = tile * kWarps * R + (threadIdx.x / 32) * R;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+        float v = acc[r][m];
+#pragma unroll
+        for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+        acc[r][m] = 0.f;
+        const int row = row0 + r;
+        if (lane == 0 && row < s.N) {
+          if (bias != nullptr) v += to_float(bias[row]);
+          y[static_cast<int64_t>(m) * s.N + row] = from_float<T>(v);
+        }
+      }
+    }
+  }
+  tile = next_tile;
+  b = next_b;
+  return more;
+}
+
+template <typename T, int M, int R, int U>
+__global__ void __launch_bounds__(kThreads)
+    int4_gemv_kernel(const T* __restrict__ x, const int* __restrict__ perm,
+                     const uint4* __restrict__ w, const T* __restrict__ scales,
+                     const T* __restrict__ zeros, const T* __restrict__ bias, T* __restrict__ y,
+                     Shape s, bool x_aligned) {
+  extern __shared__ uint4 smem[];
+  uint4* pairs = smem;                                           // [M][4][chunks]
+  float* inv = reinterpret_cast<float*>(smem + M * 4 * s.chunks);  // [M][chunks]
+
+  // The block's row tiles are one sequence of (tile, batch) steps. The first loads go out before
+  // x is staged, each later one before the step ahead of it is multiplied (two buffers in turn).
+  int tile = blockIdx.x, b = 0;
+  Batch<T, R, U> even, odd;
+  load_batch<T, R, U>(w, scales, zeros, s, tile, b, even);
+  stage_x<T, M>(x, perm, s, x_aligned, pairs, inv);
+  __syncthreads();
+
+  float acc[R][M];
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int m = 0; m < M; ++m) acc[r][m] = 0.f;
+  while (step<T, M, R, U>(w, scales, zeros, bias, y, pairs, inv, s, tile, b, even, odd, acc) &&
+         step<T, M, R, U>(w, scales, zeros, bias, y, pairs, inv, s, tile, b, odd, even, acc)) {
+  }
+}
+
+int device_attribute(cudaDeviceAttr attr) {
+  int device = 0, value = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attr, device));
+  return value;
+}
+
+int log2_exact(int v) {
+  if (v <= 0 || (v & (v - 1))) return -1;
+  int e = 0;
+  while ((1 << e) < v) ++e;
+  return e;
+}
+
+template <typename T, int M, int R, int U>
+void launch(const torch::Tensor& x, const torch::Tensor& w_q, const torch::Tensor& scales,
+            const torch::Tensor& zeros, const int* perm, const T* bias, torch::Tensor& y,
+            int group_size, int blocks_per_sm) {
+  Shape s;
+  s.N = w_q.size(0);
+  s.K = x.size(1);
+  s.G = scales.size(1);
+  s.chunks = s.K / kChunk;
+  s.group_chunks = min(group_size, s.K) / kChunk;
+  s.group_shift = log2_exact(s.group_chunks);
+  const int lane_chunks = (s.chunks + 31) / 32;
+  s.lane_batches = (lane_chunks + U - 1) / U;
+  s.tiles = (s.N + kWarps * R - 1) / (kWarps * R);
+  s.stride_xm = x.stride(0);
+  const int grid = min(s.tiles, device_attribute(cudaDevAttrMultiProcessorCount) * blocks_per_sm);
+  const size_t smem = static_cast<size_t>(M) * s.chunks * (4 * sizeof(uint4) + sizeof(float));
+  auto kernel = int4_gemv_kernel<T, M, R, U>;
+  if (smem > 48 * 1024) {
+    const int limit = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin);
+    TORCH_CHECK(smem <= static_cast<size_t>(limit), "wna16_int4_gemv: ", M, " rows of ", s.K,
+                " inputs need ", smem, " bytes of shared memory, more than the device's ", limit);
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(smem)));
+  }
+  const bool aligned = reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 && s.stride_xm % 8 == 0;
+  kernel<<<grid, kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
+      reinterpret_cast<const T*>(x.data_ptr()), perm,
+      reinterpret_cast<const uint4*>(w_q.data_ptr()), reinterpret_cast<const T*>(scales.data_ptr()),
+      reinterpret_cast<const T*>(zeros.data_ptr()), bias, reinterpret_cast<T*>(y.data_ptr()), s,
+      aligned);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The (rows per warp, loads per lane) pairs built for each number of rows of x.
+template <typename T, int M>
+void dispatch_tiles(int R, int U, const torch::Tensor& x, const torch::Tensor& w_q,
+                    const torch::Tensor& scales, const torch::Tensor& zeros, const int* perm,
+                    const T* bias, torch::Tensor& y, int group_size, int blocks_per_sm) {
+#define LOOM_TILE(r, u)                                                                     \
+  if (R == r && U == u)                                                                     \
+    return launch<T, M, r, u>(x, w_q, scales, zeros, perm, bias, y, group_size, blocks_per_sm);
+  LOOM_TILE(1, 4)
+  LOOM_TILE(2, 4)
+  if constexpr (M == 1) {
+    LOOM_TILE(1, 2)
+    LOOM_TILE(1, 8)
+    LOOM_TILE(2, 2)
+    LOOM_TILE(2, 8)
+    LOOM_TILE(4, 2)
+    LOOM_TILE(4, 4)
+  }
+#undef LOOM_TILE
+  TORCH_CHECK(false, "wna16_int4_gemv: no kernel built for ", R, " rows per warp and ", U,
+              " loads per lane with ", M, " rows of x (built: 1x4, 2x4; for one row also 1x2, "
+              "1x8, 2x2, 2x8, 4x2, 4x4)");
+}
+
+template <typename T>
+void dispatch_rows(int R, int U, const torch::Tensor& x, const torch::Tensor& w_q,
+                   const torch::Tensor& scales, const torch::Tensor& zeros, const int* perm,
+                   const T* bias, torch::Tensor& y, int group_size, int blocks_per_sm) {
+  switch (x.size(0)) {
+    case 1: return dispatch_tiles<T, 1>(R, U, x, w_q, scales, zeros, perm, bias, y, group_size, blocks_per_sm);
+    case 2: return dispatch_tiles<T, 2>(R, U, x, w_q, scales, zeros, perm, bias, y, group_size, blocks_per_sm);
+    case 3: return dispatch_tiles<T, 3>(R, U, x, w_q, scales, zeros, perm, bias, y, group_size, blocks_per_sm);
+    case 4: return dispatch_tiles<T, 4>(R, U, x, w_q, scales, zeros, perm, bias, y, group_size, blocks_per_sm);
+  }
+  TORCH_CHECK(false, "wna16_int4_gemv takes 1 to 4 rows of x, got ", x.size(0));
+}
+
+}  // namespace
+
+torch::Tensor wna16_int4_gemv(torch::Tensor x, torch::Tensor w_q, torch::Tensor scales,
+                              torch::Tensor zeros, std::optional<torch::Tensor> perm,
+                              std::optional<torch::Tensor> bias, int64_t group_size,
+                              int64_t rows_per_warp, int64_t loads_per_lane,
+                              int64_t blocks_per_sm) {
+  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.stride(1) == 1,
+              "wna16_int4_gemv: x must be a 2-D CUDA tensor with contiguous rows");
+  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
+              "wna16_int4_gemv: x must be float16 or bfloat16, got ", x.scalar_type());
+  const int64_t K = x.size(1), N = w_q.size(0);
+  TORCH_CHECK(w_q.scalar_type() == at::kInt && w_q.is_contiguous() && w_q.size(1) * 8 == K,
+              "wna16_int4_gemv: w_q must be contiguous int32 [N, K/8] = [", N, ", ", K / 8, "]");
+  TORCH_CHECK(K % kChunk == 0, "wna16_int4_gemv: K = ", K, " is not a multiple of ", kChunk);
+  TORCH_CHECK(group_size >= K || (group_size > 0 && group_size % kChunk == 0),
+              "wna16_int4_gemv: group size ", group_size, " is not a multiple of ", kChunk);
+  const int64_t G = group_size >= K ? 1 : K / group_size;
+  for (const auto* t : {&scales, &zeros}) {
+    TORCH_CHECK(t->scalar_type() == x.scalar_type() && t->is_contiguous() && t->size(0) == N &&
+                    t->size(1) == G,
+                "wna16_int4_gemv: scales and zeros must be contiguous [", N, ", ", G, "] in x's dtype");
+  }
+  const int* perm_ptr = nullptr;
+  if (perm) {
+    TORCH_CHECK(perm->scalar_type() == at::kInt && perm->numel() == K && perm->is_contiguous(),
+                "wna16_int4_gemv: perm must be contiguous int32 [", K, "]");
+    perm_ptr = perm->data_ptr<int>();
+  }
+  if (bias) {
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->numel() == N && bias->is_contiguous(),
+                "wna16_int4_gemv: bias must be contiguous [", N, "] in x's dtype");
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto y = torch::empty({x.size(0), N}, x.options());
+  const int R = rows_per_warp, U = loads_per_lane, bps = blocks_per_sm;
+  if (x.scalar_type() == at::kHalf) {
+    const __half* b = bias ? reinterpret_cast<const __half*>(bias->data_ptr()) : nullptr;
+    dispatch_rows<__half>(R, U, x, w_q, scales, zeros, perm_ptr, b, y, group_size, bps);
+  } else {
+    const __nv_bfloat16* b = bias ? reinterpret_cast<const __nv_bfloat16*>(bias->data_ptr()) : nullptr;
+    dispatch_rows<__nv_bfloat16>(R, U, x, w_q, scales, zeros, perm_ptr, b, y, group_size, bps);
+  }
+  return y;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("wna16_int4_gemv", &wna16_int4_gemv,
+        "y = x @ W^T (+ bias) for 1-4 rows of bf16/fp16 x and int4 W [N, K/8] (see the file header)",
+        py::arg("x"), py::arg("w_q"), py::arg("scales"), py::arg("zeros"), py::arg("perm"),
+        py::arg("bias"), py::arg("group_size"), py::arg("rows_per_warp") = 2,
+        py::arg("loads_per_lane") = 4, py::arg("blocks_per_sm") = 2);
+}

@@ -1,0 +1,80 @@
+"""The int4 GEMV of csrc/wna16_gemv.cu for 1 to 4 rows of bf16/fp16 x on NVIDIA GPUs, in the
+layout of ``schemes/wna16.py``; its twin is the Triton GEMV (triton/wna16_gemv.py).
+
+``int4_gemv`` runs it when ``applies`` says it takes the call; the first call builds it (about a
+minute, then cached on disk). Where it cannot be built, one warning says why and ``applies``
+answers False from then on, so the Triton GEMV runs. ``LOOM_NATIVE_KERNELS=0`` turns it off.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+logger = logging.getLogger("loom")
+
+MAX_M = 4
+CHUNK = 32        # inputs per 16-byte load of W
+DTYPES = (torch.bfloat16, torch.float16)
+
+
+@dataclass(frozen=True)
+class NativeGemvConfig:
+    """rows_per_warp rows of W per warp at once, loads_per_lane 16-byte loads of each in flight
+    per lane, at most blocks_per_sm blocks of 256 threads per SM (each stages x once). Built:
+    (1, 4) and (2, 4) for any M; for one row also (1, 2), (1, 8), (2, 2), (2, 8), (4, 2), (4, 4)."""
+    rows_per_warp: int = 2
+    loads_per_lane: int = 4
+    blocks_per_sm: int = 2
+
+
+def default_config(n: int, k: int, m: int) -> NativeGemvConfig:
+    return NativeGemvConfig()
+
+
+def enabled() -> bool:
+    return os.environ.get("LOOM_NATIVE_KERNELS", "1") != "0"
+
+
+@functools.cache
+def _module():
+    """The built extension, or None (warned once) where it cannot be built."""
+    from loom.csrc import BuildError, load
+    try:
+        return load("wna16_gemv")
+    except BuildError as e:
+        logger.warning("the native int4 GEMV is not available, the Triton GEMV runs instead: %s",
+                       e)
+        return None
+
+
+def warm_up() -> None:
+    """Build (or load) the kernel now, at model load, rather than in the first step."""
+    if enabled() and torch.cuda.is_available() and torch.version.hip is None:
+        _module()
+
+
+def applies(x: torch.Tensor, w_q: torch.Tensor, scales: torch.Tensor, bits: int,
+            group_size: int, g_idx: torch.Tensor | None) -> bool:
+    """Whether the native GEMV takes x @ W^T: int4, 1-4 rows of bf16/fp16 CUDA x with scales in
+    its dtype, K a multiple of 32, groups of whole 32-input chunks (or one per row), no g_idx (a
+    perm is fine); and it built."""
+    k = x.shape[-1]
+    return (bits == 4 and x.is_cuda and torch.version.hip is None and x.dim() == 2
+            and 1 <= x.shape[0] <= MAX_M and x.dtype in DTYPES and x.stride(1) == 1
+            and scales.dtype == x.dtype
+            and k % CHUNK == 0 and w_q.shape[1] * 8 == k and g_idx is None
+            and (group_size >= k or group_size % CHUNK == 0) and enabled()
+            and _module() is not None)
+
+
+def int4_gemv(x: torch.Tensor, w_q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+              perm: torch.Tensor | None, group_size: int, bias: torch.Tensor | None = None,
+              config: NativeGemvConfig | None = None) -> torch.Tensor:
+    """x [M, K] @ W^T (+ bias) -> [M, N] in x's dtype (``applies`` must hold)."""
+    cfg = config or default_config(w_q.shape[0], x.shape[1], x.shape[0])
+    return _module().wna16_int4_gemv(x, w_q, scales, zeros, perm, bias, group_size,
+                                      cfg.rows_per_warp, cfg.loads_per_lane, cfg.blocks_per_sm)

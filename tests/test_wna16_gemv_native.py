@@ -1,0 +1,180 @@
+"""The native int4 GEMV (csrc/wna16_gemv.cu, loom.plugins.quant.native.wna16_gemv) against
+dequantize-then-matmul in float32 and against its twin, the Triton GEMV; the scheme's choice of it;
+and, on any machine, the fallback when it cannot be built. Fresh random inputs every run
+(LOOM_TEST_SEED replays one)."""
+import logging
+
+import pytest
+import torch
+
+from test_wna16_gemv import SEED, gen, gptq_layer, operands  # noqa: F401
+
+import loom.csrc
+from loom.plugins.quant.native import wna16_gemv as native
+from loom.plugins.quant.schemes.wna16 import dequantize
+from loom.plugins.quant.triton.wna16_gemv import wna16_gemv
+
+CUDA = torch.cuda.is_available() and torch.version.hip is None
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs an NVIDIA GPU")
+TOLERANCE = {torch.bfloat16: 5e-3, torch.float16: 2e-3}
+BUILT = [(1, 4), (2, 4), (1, 2), (1, 8), (2, 2), (2, 8), (4, 2), (4, 4)]
+
+
+def check(m, n, k, group_size, dtype, gen, symmetric=False, with_perm=False, with_bias=False,
+          x_gain=1.0, config=None):
+    (x, w_q, scales, zeros, perm, bias), ref = operands(
+        m, n, k, 4, group_size, symmetric, with_perm, with_bias, dtype, gen, x_gain)
+    on = [None if t is None else t.cuda() for t in (x, w_q, scales, zeros, perm, bias)]
+    gs = k if group_size == -1 else group_size
+    assert native.applies(on[0], on[1], on[2], 4, gs, None)
+    out = native.int4_gemv(*on[:5], gs, on[5], config=config)
+    assert out.shape == (m, n) and out.dtype == dtype
+    error = ((out.float().cpu() - ref).norm() / ref.norm()).item()
+    twin = wna16_gemv(*on[:5], 4, gs, bias=on[5])
+    twin_error = ((twin.float().cpu() - ref).norm() / ref.norm()).item()
+    assert error < TOLERANCE[dtype], (error, twin_error, SEED)
+    return error, twin_error
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+@pytest.mark.parametrize("group_size,symmetric,with_perm,with_bias", [
+    (32, False, False, True), (64, True, True, False), (128, False, True, True),
+    (-1, False, False, False)])
+def test_against_reference(dtype, m, group_size, symmetric, with_perm, with_bias, gen):
+    check(m, 333, 1024, group_size, dtype, gen, symmetric, with_perm, with_bias)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("n,k,group_size", [
+    (1, 32, -1), (7, 96, 32), (130, 160, 32), (257, 1056, 32), (64, 4096, 128),
+    (4096, 14336, 128), (6144, 4096, 128), (129, 3072, 64)])
+def test_odd_shapes(n, k, group_size, gen):
+    """K below one lane's share, K not a multiple of a warp's loads, N not a multiple of a tile,
+    group counts that are not powers of two; the Llama-3-8B down and qkv shapes."""
+    for m in (1, 3):
+        check(m, n, k, group_size, torch.bfloat16, gen, with_bias=True)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("rows,loads", BUILT)
+@pytest.mark.parametrize("blocks_per_sm", [1, 3])
+def test_configs(rows, loads, blocks_per_sm, gen):
+    """Every built tile, with the grid both covering the tiles and looping over them."""
+    cfg = native.NativeGemvConfig(rows, loads, blocks_per_sm)
+    check(1, 4099, 2048, 128, torch.float16, gen, with_perm=True, config=cfg)
+    if (rows, loads) in ((1, 4), (2, 4)):
+        check(4, 1000, 2048, 64, torch.bfloat16, gen, config=cfg)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("x_gain", [1e4, 1e-4])
+def test_large_and_tiny_activations(x_gain, gen):
+    """x is scaled per 32 inputs into fp16's range: |x| up to 1e4 neither overflows the fp16 sums
+    (a bf16 input beyond 65504 would) nor do inputs of 1e-4 lose their precision."""
+    check(1, 512, 4096, 128, torch.bfloat16, gen, x_gain=x_gain)
+    check(2, 512, 4096, 128, torch.bfloat16, gen, x_gain=x_gain)
+
+
+@gpu
+@needs_cuda
+def test_zero_and_mixed_chunks(gen):
+    """Rows of x with all-zero chunks next to large ones."""
+    (x, w_q, scales, zeros, perm, bias), _ = operands(2, 256, 1024, 4, 128, False, False,
+                                                      False, torch.bfloat16, gen)
+    x[0, :512] = 0
+    x[1, 32:64] *= 3000
+    ref = x.float() @ dequantize(w_q, scales.float(), zeros.float(), None, 4, 128).t()
+    out = native.int4_gemv(x.cuda(), w_q.cuda(), scales.cuda(), zeros.cuda(), None, 128)
+    assert ((out.float().cpu() - ref).norm() / ref.norm()).item() < 5e-3
+
+
+@gpu
+@needs_cuda
+def test_refuses_bad_operands(gen):
+    (x, w_q, scales, zeros, _, _), _ = operands(1, 64, 256, 4, 128, False, False, False,
+                                                torch.bfloat16, gen)
+    x, w_q, scales, zeros = x.cuda(), w_q.cuda(), scales.cuda(), zeros.cuda()
+    with pytest.raises(RuntimeError, match="1 to 4 rows"):
+        native.int4_gemv(x.repeat(5, 1), w_q, scales, zeros, None, 128)
+    with pytest.raises(RuntimeError, match="scales and zeros"):
+        native.int4_gemv(x, w_q, scales.half(), zeros, None, 128)
+    with pytest.raises(RuntimeError, match="no kernel built"):
+        native.int4_gemv(x.repeat(2, 1), w_q, scales, zeros, None, 128,
+                         config=native.NativeGemvConfig(4, 4, 1))
+
+
+@gpu
+@needs_cuda
+def test_scheme_takes_the_native_gemv_for_up_to_four_rows(monkeypatch, gen):
+    """bf16 decode rows 1-4 go through the native GEMV, 5-16 through Triton's, more through the
+    GEMM; all match the float32 reference of the same bf16 operands."""
+    layer, weight = gptq_layer(256, 96, False, gen)
+    layer = layer.to(torch.bfloat16).cuda()
+    calls = []
+    real = native.int4_gemv
+
+    def recording(x, *args, **kwargs):
+        calls.append(x.shape[0])
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(native, "int4_gemv", recording)
+    for m in (1, 4, 5, 17):
+        x = torch.randn(m, 256, generator=gen).to(torch.bfloat16)
+        ref = x.float() @ weight.t() + layer.bias.float().cpu()
+        out = layer(x.cuda()).float().cpu()
+        assert ((out - ref).norm() / ref.norm()).item() < 1e-2, SEED
+    assert calls == [1, 4]
+
+
+def test_falls_back_with_one_warning_when_it_cannot_build(monkeypatch, caplog):
+    """Where csrc/wna16_gemv.cu cannot be built, the scheme keeps the Triton GEMV: applies() is
+    False and the reason is logged once."""
+    def no_compiler(name):
+        raise loom.csrc.BuildError(f"{name}: building failed: nvcc not found")
+
+    monkeypatch.setattr(loom.csrc, "load", no_compiler)
+    native._module.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="loom"):
+            assert native._module() is None
+            assert native._module() is None
+        warnings = [r for r in caplog.records if "native int4 GEMV" in r.getMessage()]
+        assert len(warnings) == 1 and "nvcc not found" in warnings[0].getMessage()
+    finally:
+        native._module.cache_clear()
+
+
+def test_applies_only_where_it_can_run(monkeypatch):
+    monkeypatch.setattr(native, "_module", lambda: object())
+    x = torch.zeros(1, 256, dtype=torch.bfloat16)
+    w_q = torch.zeros(64, 32, dtype=torch.int32)
+    s = torch.zeros(64, 2, dtype=torch.bfloat16)
+    assert not native.applies(x, w_q, s, 4, 128, None)          # on the CPU
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    if torch.version.hip is None:
+        assert native.applies(x, w_q, s, 4, 128, None)
+    assert not native.applies(x, w_q, s, 8, 128, None)          # int8
+    assert not native.applies(x.float(), w_q, s, 4, 128, None)  # float32 x
+    assert not native.applies(x, w_q, s.half(), 4, 128, None)   # scales in another dtype
+    assert not native.applies(x.repeat(5, 1), w_q, s, 4, 128, None)
+    assert not native.applies(x, w_q, s, 4, 16, None)           # groups of 16 split a load
+    assert not native.applies(x, w_q, s, 4, 128, torch.zeros(256, dtype=torch.int32))
+    monkeypatch.setenv("LOOM_NATIVE_KERNELS", "0")
+    assert not native.applies(x, w_q, s, 4, 128, None)
+
+
+def test_load_explains_what_is_missing():
+    if CUDA:
+        pytest.skip("this machine can build it")
+    with pytest.raises(loom.csrc.BuildError, match="NVIDIA GPUs with CUDA"):
+        loom.csrc.load("wna16_gemv")
+    with pytest.raises(loom.csrc.BuildError, match="no native kernel"):
+        loom.csrc.load("no_such_kernel")
+    assert (loom.csrc.SOURCES / "wna16_gemv.cu").exists()
