@@ -78,18 +78,13 @@ GEMV_CONFIGS = {   # name: config; default: the kernel's (128 rows, 128 inputs, 
     "pure": WNA16GemvConfig(fast_dequant=False),
     "n256k128": WNA16GemvConfig(256, 128, 4, 4),
     "n256k128w8": WNA16GemvConfig(256, 128, 8, 4),
-    # the native int4 GEMV (csrc/wna16_gemv.cu), 1-4 rows of x: rows per warp, loads per lane,
-    # blocks per SM
+    # the native int4 GEMV (csrc/wna16_gemv.cu), 1-4 rows of x: "cuda" is its default, else
+    # cuda{rows per warp}x{loads per lane}b{blocks per SM}p{batches prefetched into L2}
     "cuda": NativeGemvConfig(),
-    "cuda1x4": NativeGemvConfig(1, 4, 2),
-    "cuda1x4b3": NativeGemvConfig(1, 4, 3),
-    "cuda2x4b1": NativeGemvConfig(2, 4, 1),
-    "cuda2x2b3": NativeGemvConfig(2, 2, 3),
-    "cuda1x8": NativeGemvConfig(1, 8, 2),
-    "cuda2x8": NativeGemvConfig(2, 8, 1),
-    "cuda4x2": NativeGemvConfig(4, 2, 2),
-    "cuda4x4": NativeGemvConfig(4, 4, 1),
-    "cuda1x2b4": NativeGemvConfig(1, 2, 4),
+    **{f"cuda{r}x{u}b{b}p{p}": NativeGemvConfig(r, u, b, p) for r, u, b, p in [
+        (2, 4, 2, 0), (2, 4, 2, 4), (1, 4, 2, 2), (1, 4, 2, 4), (1, 4, 3, 2), (4, 4, 1, 2),
+        (4, 4, 1, 4), (2, 2, 3, 2), (2, 2, 3, 4), (4, 2, 2, 2), (1, 2, 4, 4), (2, 8, 1, 2),
+        (1, 8, 2, 2)]},
     # torch's int4 kernel (tinygemm, _weight_int4pack_mm), bf16 x, for comparison
     "tinygemm": "tinygemm",
 }
@@ -255,19 +250,15 @@ def gemv_applies(layer: Linear, x: torch.Tensor, config) -> bool:
     if isinstance(config, NativeGemvConfig):
         return native_gemv.applies(x, layer.w_q, layer.w_scales, scheme.bits, layer.group_size,
                                    layer.w_g_idx) and (
-            config.rows_per_warp, config.loads_per_lane) in NATIVE_BUILT[min(x.shape[0], 2)]
+            config.rows_per_warp, config.loads_per_lane) in native_gemv.BUILT[x.shape[0]]
     return True
-
-
-NATIVE_BUILT = {1: {(1, 4), (2, 4), (1, 2), (1, 8), (2, 2), (2, 8), (4, 2), (4, 4)},
-                2: {(1, 4), (2, 4)}}
 
 
 def tinygemm_call(layer: Linear, x: torch.Tensor):
     """torch._weight_int4pack_mm on the layer's codes: w = (q - 8) * scale + (8 - zero) * scale."""
     codes = unpack_cols(layer.w_q, 4)                                  # [N, K]
     packed = torch._convert_weight_to_int4pack(
-        (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8), 8)
+        (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8).contiguous(), 8)
     scales = layer.w_scales.float()
     sz = torch.stack([scales, (8 - layer.w_zeros.float()) * scales], -1)  # [N, G, 2]
     sz = sz.transpose(0, 1).contiguous().to(torch.bfloat16)

@@ -86,6 +86,7 @@ struct Shape {
   int group_shift;    // log2(group_chunks) when a power of two, else -1
   int lane_batches;   // batches of U loads a lane makes per row
   int tiles;          // row tiles of kWarps * R rows
+  int prefetch;       // steps whose weights are asked into L2 ahead of their loads
   int64_t stride_xm;
 };
 
@@ -174,6 +175,40 @@ __device__ __forceinline__ void load_batch(const uint4* __restrict__ w, const T*
   }
 }
 
+// Asks L2 for batch b of the warp's rows in a tile (no registers held: the loads that follow hit
+// L2). Sm_90 takes each row's U * 512 contiguous bytes in one bulk prefetch; older GPUs a line at
+// a time.
+template <int R, int U>
+__device__ __forceinline__ void prefetch_batch(const uint4* __restrict__ w, const Shape& s, int tile,
+                                               int b) {
+  if (tile >= s.tiles) return;
+  const int lane = threadIdx.x % 32;
+  const int row0 = tile * kWarps * R + (threadIdx.x / 32) * R;
+  const int first = b * U * 32;
+  const int count = min(U * 32, s.chunks - first);
+#if __CUDA_ARCH__ >= 900
+  if (lane < R && row0 + lane < s.N) {
+    const uint4* p = w + static_cast<int64_t>(row0 + lane) * s.chunks + first;
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(count * 16) : "memory");
+  }
+#else
+  constexpr int kLines = U * 4;  // 128-byte lines per row
+  for (int line = lane; line < R * kLines; line += 32) {
+    const int row = min(row0 + line / kLines, s.N - 1);
+    const int u = first + min((line % kLines) * 8, count - 1);
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(w + static_cast<int64_t>(row) * s.chunks + u));
+  }
+#endif
+}
+
+// The (tile, batch) of the step `ahead` steps after (tile, b).
+__device__ __forceinline__ void advance(const Shape& s, int tile, int b, int ahead, int& out_tile,
+                                        int& out_b) {
+  const int t = b + ahead;
+  out_tile = tile + (t / s.lane_batches) * gridDim.x;
+  out_b = t % s.lane_batches;
+}
+
 template <typename T, int M, int R, int U>
 __device__ __forceinline__ void multiply_batch(const Batch<T, R, U>& in, const uint4* pairs,
                                                const float* inv, const Shape& s, int b,
@@ -242,6 +277,11 @@ __device__ __forceinline__ bool step(const uint4* __restrict__ w, const T* __res
   }
   const bool more = next_tile < s.tiles;
   if (more) load_batch<T, R, U>(w, scales, zeros, s, next_tile, next_b, ahead);
+  if (s.prefetch > 0) {
+    int far_tile, far_b;
+    advance(s, tile, b, s.prefetch + 1, far_tile, far_b);
+    prefetch_batch<R, U>(w, s, far_tile, far_b);
+  }
   multiply_batch<T, M, R, U>(now, pairs, inv, s, b, acc);
   if (next_b == 0) {
     const int lane = threadIdx.x % 32;
@@ -282,6 +322,11 @@ __global__ void __launch_bounds__(kThreads)
   int tile = blockIdx.x, b = 0;
   Batch<T, R, U> even, odd;
   load_batch<T, R, U>(w, scales, zeros, s, tile, b, even);
+  for (int d = 1; d <= s.prefetch; ++d) {
+    int far_tile, far_b;
+    advance(s, tile, b, d, far_tile, far_b);
+    prefetch_batch<R, U>(w, s, far_tile, far_b);
+  }
   stage_x<T, M>(x, perm, s, x_aligned, pairs, inv);
   __syncthreads();
 
@@ -312,8 +357,9 @@ int log2_exact(int v) {
 template <typename T, int M, int R, int U>
 void launch(const torch::Tensor& x, const torch::Tensor& w_q, const torch::Tensor& scales,
             const torch::Tensor& zeros, const int* perm, const T* bias, torch::Tensor& y,
-            int group_size, int blocks_per_sm) {
+            int group_size, int blocks_per_sm, int prefetch) {
   Shape s;
+  s.prefetch = prefetch;
   s.N = w_q.size(0);
   s.K = x.size(1);
   s.G = scales.size(1);
@@ -347,10 +393,12 @@ void launch(const torch::Tensor& x, const torch::Tensor& w_q, const torch::Tenso
 template <typename T, int M>
 void dispatch_tiles(int R, int U, const torch::Tensor& x, const torch::Tensor& w_q,
                     const torch::Tensor& scales, const torch::Tensor& zeros, const int* perm,
-                    const T* bias, torch::Tensor& y, int group_size, int blocks_per_sm) {
+                    const T* bias, torch::Tensor& y, int group_size, int blocks_per_sm,
+                    int prefetch) {
 #define LOOM_TILE(r, u)                                                                     \
   if (R == r && U == u)                                                                     \
-    return launch<T, M, r, u>(x, w_q, scales, zeros, perm, bias, y, group_size, blocks_per_sm);
+    return launch<T, M, r, u>(x, w_q, scales, zeros, perm, bias, y, group_size, blocks_per_sm, \
+                              prefetch);
   LOOM_TILE(1, 4)
   LOOM_TILE(2, 4)
   if constexpr (M == 1) {
@@ -370,12 +418,13 @@ void dispatch_tiles(int R, int U, const torch::Tensor& x, const torch::Tensor& w
 template <typename T>
 void dispatch_rows(int R, int U, const torch::Tensor& x, const torch::Tensor& w_q,
                    const torch::Tensor& scales, const torch::Tensor& zeros, const int* perm,
-                   const T* bias, torch::Tensor& y, int group_size, int blocks_per_sm) {
+                   const T* bias, torch::Tensor& y, int group_size, int blocks_per_sm,
+                   int prefetch) {
   switch (x.size(0)) {
-    case 1: return dispatch_tiles<T, 1>(R, U, x, w_q, scales, zeros, perm, bias, y, group_size, blocks_per_sm);
-    case 2: return dispatch_tiles<T, 2>(R, U, x, w_q, scales, zeros, perm, bias, y, group_size, blocks_per_sm);
-    case 3: return dispatch_tiles<T, 3>(R, U, x, w_q, scales, zeros, perm, bias, y, group_size, blocks_per_sm);
-    case 4: return dispatch_tiles<T, 4>(R, U, x, w_q, scales, zeros, perm, bias, y, group_size, blocks_per_sm);
+    case 1: return dispatch_tiles<T, 1>(R, U, x, w_q, scales, zeros, perm, bias, y, group_size, blocks_per_sm, prefetch);
+    case 2: return dispatch_tiles<T, 2>(R, U, x, w_q, scales, zeros, perm, bias, y, group_size, blocks_per_sm, prefetch);
+    case 3: return dispatch_tiles<T, 3>(R, U, x, w_q, scales, zeros, perm, bias, y, group_size, blocks_per_sm, prefetch);
+    case 4: return dispatch_tiles<T, 4>(R, U, x, w_q, scales, zeros, perm, bias, y, group_size, blocks_per_sm, prefetch);
   }
   TORCH_CHECK(false, "wna16_int4_gemv takes 1 to 4 rows of x, got ", x.size(0));
 }
@@ -386,7 +435,7 @@ torch::Tensor wna16_int4_gemv(torch::Tensor x, torch::Tensor w_q, torch::Tensor 
                               torch::Tensor zeros, std::optional<torch::Tensor> perm,
                               std::optional<torch::Tensor> bias, int64_t group_size,
                               int64_t rows_per_warp, int64_t loads_per_lane,
-                              int64_t blocks_per_sm) {
+                              int64_t blocks_per_sm, int64_t prefetch_steps) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.stride(1) == 1,
               "wna16_int4_gemv: x must be a 2-D CUDA tensor with contiguous rows");
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
@@ -415,13 +464,13 @@ torch::Tensor wna16_int4_gemv(torch::Tensor x, torch::Tensor w_q, torch::Tensor 
   }
   const c10::cuda::CUDAGuard guard(x.device());
   auto y = torch::empty({x.size(0), N}, x.options());
-  const int R = rows_per_warp, U = loads_per_lane, bps = blocks_per_sm;
+  const int R = rows_per_warp, U = loads_per_lane, bps = blocks_per_sm, pf = prefetch_steps;
   if (x.scalar_type() == at::kHalf) {
     const __half* b = bias ? reinterpret_cast<const __half*>(bias->data_ptr()) : nullptr;
-    dispatch_rows<__half>(R, U, x, w_q, scales, zeros, perm_ptr, b, y, group_size, bps);
+    dispatch_rows<__half>(R, U, x, w_q, scales, zeros, perm_ptr, b, y, group_size, bps, pf);
   } else {
     const __nv_bfloat16* b = bias ? reinterpret_cast<const __nv_bfloat16*>(bias->data_ptr()) : nullptr;
-    dispatch_rows<__nv_bfloat16>(R, U, x, w_q, scales, zeros, perm_ptr, b, y, group_size, bps);
+    dispatch_rows<__nv_bfloat16>(R, U, x, w_q, scales, zeros, perm_ptr, b, y, group_size, bps, pf);
   }
   return y;
 }
@@ -431,5 +480,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "y = x @ W^T (+ bias) for 1-4 rows of bf16/fp16 x and int4 W [N, K/8] (see the file header)",
         py::arg("x"), py::arg("w_q"), py::arg("scales"), py::arg("zeros"), py::arg("perm"),
         py::arg("bias"), py::arg("group_size"), py::arg("rows_per_warp") = 2,
-        py::arg("loads_per_lane") = 4, py::arg("blocks_per_sm") = 2);
+        py::arg("loads_per_lane") = 4, py::arg("blocks_per_sm") = 2,
+        py::arg("prefetch_steps") = 2);
 }

@@ -21,18 +21,57 @@ CHUNK = 32        # inputs per 16-byte load of W
 DTYPES = (torch.bfloat16, torch.float16)
 
 
+BUILT = {1: {(1, 4), (2, 4), (1, 2), (1, 8), (2, 2), (2, 8), (4, 2), (4, 4)},
+         2: {(1, 4), (2, 4)}, 3: {(1, 4), (2, 4)}, 4: {(1, 4), (2, 4)}}
+
+
 @dataclass(frozen=True)
 class NativeGemvConfig:
     """rows_per_warp rows of W per warp at once, loads_per_lane 16-byte loads of each in flight
-    per lane, at most blocks_per_sm blocks of 256 threads per SM (each stages x once). Built:
-    (1, 4) and (2, 4) for any M; for one row also (1, 2), (1, 8), (2, 2), (2, 8), (4, 2), (4, 4)."""
+    per lane (BUILT: the pairs compiled per M), at most blocks_per_sm blocks of 256 threads per SM
+    (each stages x once), prefetch_steps batches asked into L2 ahead of their loads."""
     rows_per_warp: int = 2
     loads_per_lane: int = 4
     blocks_per_sm: int = 2
+    prefetch_steps: int = 2
 
 
 def default_config(n: int, k: int, m: int) -> NativeGemvConfig:
     return NativeGemvConfig()
+
+
+def check_operands(x, w_q, scales, zeros, perm, bias, group_size: int,
+                   cfg: NativeGemvConfig) -> None:
+    """ValueError naming what the kernel cannot take (checked here, before the extension)."""
+    m, k = x.shape
+    n, g = w_q.shape[0], (1 if group_size >= k else k // group_size)
+    if (cfg.rows_per_warp, cfg.loads_per_lane) not in BUILT.get(m, ()):
+        raise ValueError(f"int4_gemv: no kernel built for rows_per_warp {cfg.rows_per_warp}, "
+                         f"loads_per_lane {cfg.loads_per_lane} at {m} rows of x; built: "
+                         f"{sorted(BUILT.get(m, ()))}")
+    if cfg.blocks_per_sm < 1 or cfg.prefetch_steps < 0:
+        raise ValueError(f"int4_gemv: blocks_per_sm must be >= 1 and prefetch_steps >= 0, got "
+                         f"{cfg.blocks_per_sm}, {cfg.prefetch_steps}")
+    for name, t in (("scales", scales), ("zeros", zeros)):
+        if t.dtype != x.dtype or tuple(t.shape) != (n, g) or not t.is_contiguous():
+            raise ValueError(f"int4_gemv: {name} must be contiguous [{n}, {g}] in {x.dtype}, "
+                             f"got {tuple(t.shape)} {t.dtype}")
+    if perm is not None and (perm.dtype != torch.int32 or perm.numel() != k):
+        raise ValueError(f"int4_gemv: perm must be int32 [{k}], got {tuple(perm.shape)} "
+                         f"{perm.dtype}")
+    if bias is not None and (bias.dtype != x.dtype or bias.numel() != n):
+        raise ValueError(f"int4_gemv: bias must be [{n}] in {x.dtype}, got "
+                         f"{tuple(bias.shape)} {bias.dtype}")
+
+
+def shared_memory_bytes(m: int, k: int) -> int:
+    """x staged per block: fp16 pairs and one float per 32 inputs, per row."""
+    return m * (k // CHUNK) * (4 * 16 + 4)
+
+
+@functools.cache
+def _shared_memory_limit(device: int) -> int:
+    return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
 
 
 def enabled() -> bool:
@@ -68,7 +107,8 @@ def applies(x: torch.Tensor, w_q: torch.Tensor, scales: torch.Tensor, bits: int,
             and scales.dtype == x.dtype
             and k % CHUNK == 0 and w_q.shape[1] * 8 == k and g_idx is None
             and (group_size >= k or group_size % CHUNK == 0) and enabled()
-            and _module() is not None)
+            and _module() is not None
+            and shared_memory_bytes(x.shape[0], k) <= _shared_memory_limit(x.device.index or 0))
 
 
 def int4_gemv(x: torch.Tensor, w_q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -76,5 +116,9 @@ def int4_gemv(x: torch.Tensor, w_q: torch.Tensor, scales: torch.Tensor, zeros: t
               config: NativeGemvConfig | None = None) -> torch.Tensor:
     """x [M, K] @ W^T (+ bias) -> [M, N] in x's dtype (``applies`` must hold)."""
     cfg = config or default_config(w_q.shape[0], x.shape[1], x.shape[0])
+    if not 1 <= x.shape[0] <= MAX_M:
+        raise ValueError(f"int4_gemv takes 1 to {MAX_M} rows of x, got {x.shape[0]}")
+    check_operands(x, w_q, scales, zeros, perm, bias, group_size, cfg)
     return _module().wna16_int4_gemv(x, w_q, scales, zeros, perm, bias, group_size,
-                                      cfg.rows_per_warp, cfg.loads_per_lane, cfg.blocks_per_sm)
+                                      cfg.rows_per_warp, cfg.loads_per_lane, cfg.blocks_per_sm,
+                                      cfg.prefetch_steps)
