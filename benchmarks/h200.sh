@@ -161,6 +161,10 @@ with tarfile.open('$OUT/flashinfer-jit.tar.xz', 'w:xz') as t:
         --linears ${GEMV_LINEARS:-qkv o_proj gate_up down} ${GEMV_CONFIGS:+--configs $GEMV_CONFIGS} \
         ${GEMV_METHODS:+--gemv-methods "$GEMV_METHODS"} --json "$OUT/kernels_quant_gemv_h200${GEMV_TAG:-}.json" 2>&1 | tail -${GEMV_TAIL:-40}
       ;;
+    fp8-gemm)
+      log "fp8 GEMM variants (_scaled_mm orientation, fast accumulation) vs bf16"
+      timeout 240 python3 benchmarks/kernels_fp8_gemm.py --json "$OUT/kernels_fp8_gemm_h200.json" 2>&1 | tail -20
+      ;;
     quant-latency)
       # Batch-1 decode of 4-bit GPTQ and AWQ (Llama-3-8B shape, random weights) against bf16.
       for c in llama3-8b llama3-8b-gptq llama3-8b-awq; do

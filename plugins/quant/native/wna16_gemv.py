@@ -33,11 +33,39 @@ class NativeGemvConfig:
     rows_per_warp: int = 2
     loads_per_lane: int = 4
     blocks_per_sm: int = 2
-    prefetch_steps: int = 2
+    prefetch_steps: int = 0
 
 
+@functools.cache
 def default_config(n: int, k: int, m: int) -> NativeGemvConfig:
-    return NativeGemvConfig()
+    """From the H200 sweep (benchmarks/results/kernels_quant_gemv_native_h200_run*.json): one row
+    of x takes 2 rows per warp, unless 1 row per warp splits the rows into tiles that fill the
+    grid's last round better (each block handles whole tiles); long rows (K > 8192) 2 loads per
+    lane and 3 blocks per SM. Two rows of x take 1 row per warp, more take 2."""
+    if m >= 3:
+        return NativeGemvConfig(2, 4, 2)
+    if m == 2:
+        return NativeGemvConfig(1, 4, 2)
+    if k > 8192:
+        return NativeGemvConfig(2, 2, 3)
+    return min((NativeGemvConfig(2, 4, 2), NativeGemvConfig(1, 4, 2)),
+               key=lambda c: _last_round_waste(n, c))
+
+
+def _last_round_waste(n: int, cfg: NativeGemvConfig) -> float:
+    """Idle share of the grid's block slots over the rounds of row tiles (8 warps a tile)."""
+    tiles = -(-n // (8 * cfg.rows_per_warp))
+    slots = _num_sms() * cfg.blocks_per_sm
+    if tiles <= slots:
+        return 0.0
+    rounds = -(-tiles // slots)
+    return 1 - tiles / (rounds * slots)
+
+
+@functools.cache
+def _num_sms() -> int:
+    return torch.cuda.get_device_properties(0).multi_processor_count if (
+        torch.cuda.is_available()) else 132
 
 
 def check_operands(x, w_q, scales, zeros, perm, bias, group_size: int,
