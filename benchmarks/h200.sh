@@ -9,6 +9,7 @@ export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" benchmarks/results
 # Native kernels (csrc/) build here; carry .ext to reuse a build (the native phase returns it).
 export TORCH_EXTENSIONS_DIR=$PWD/.ext
+[ -d .ext ] && find .ext -type f -exec touch {} +   # newer than the sources: ninja keeps it
 CFG=configs/llama3-8b.yaml
 log() { echo "=== $* ($(date +%T))"; }
 
