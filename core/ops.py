@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from loom import attention  # a module: attention imports ops too
 from loom.hookspecs import hookimpl
+from loom.quant import QuantizedInput
 
 
 class FusedOps:
@@ -38,6 +39,21 @@ class FusedOps:
         """silu(x[..., :n]) * x[..., n:] for x [..., 2n]."""
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
+
+    # The same ops with their output quantized per token to fp8 (for a layer whose QuantMethod's
+    # input_quant asks for it): exactly the unfused op, then quantize_per_token.
+    def rms_norm_quant(self, x: torch.Tensor, weight: torch.Tensor, eps: float,
+                       fp8_dtype: torch.dtype) -> QuantizedInput:
+        return quantize_per_token(self.rms_norm(x, weight, eps), fp8_dtype)
+
+    def add_rms_norm_quant(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                           eps: float, fp8_dtype: torch.dtype
+                           ) -> tuple[QuantizedInput, torch.Tensor]:
+        out, residual = self.add_rms_norm(x, residual, weight, eps)
+        return quantize_per_token(out, fp8_dtype), residual
+
+    def silu_and_mul_quant(self, x: torch.Tensor, fp8_dtype: torch.dtype) -> QuantizedInput:
+        return quantize_per_token(self.silu_and_mul(x), fp8_dtype)
 
     def rotary(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,6 +90,15 @@ def quantize_fp8(x: torch.Tensor, scale: float, fp8_dtype: torch.dtype) -> torch
     """x / scale in fp32, clamped to the range of ``fp8_dtype``, rounded to it."""
     limit = torch.finfo(fp8_dtype).max
     return (x.float() / scale).clamp(-limit, limit).to(fp8_dtype)
+
+
+def quantize_per_token(x: torch.Tensor, fp8_dtype: torch.dtype) -> QuantizedInput:
+    """Rows of x [..., K] to fp8 with scale max(|row|) / fp8_max (at least 1e-12 / fp8_max),
+    as an FP8 method quantizes its input per token (x / scale in fp32, clamped, rounded)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    limit = torch.finfo(fp8_dtype).max
+    scale = x2.abs().amax(-1, keepdim=True).float().clamp(min=1e-12) / limit
+    return QuantizedInput((x2.float() / scale).clamp(-limit, limit).to(fp8_dtype), scale, x.dtype)
 
 
 def dequantize_fp8(x: torch.Tensor, scale: float) -> torch.Tensor:

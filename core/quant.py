@@ -6,8 +6,20 @@ shards (q|k|v, gate|up), each loaded from its own checkpoint tensor with a ``sha
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
+
+
+@dataclass
+class QuantizedInput:
+    """x [M, K] quantized per token upstream, by a fused op (a norm or an activation) that a
+    method's ``input_quant`` asked for: ``data`` in that fp8 dtype, ``scale`` fp32 [M, 1], x ~
+    data * scale. What the method's own per-token quantization of x would have given."""
+    data: torch.Tensor
+    scale: torch.Tensor
+    dtype: torch.dtype      # of x before quantization: the layer's output dtype
 
 
 class QuantMethod:
@@ -89,8 +101,15 @@ class QuantMethod:
         """Repack or convert once every tensor of ``layer`` is loaded (e.g. for a fast kernel)."""
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """y = x @ W^T (+ bias) for x [..., input_size]."""
+        """y = x @ W^T (+ bias) for x [..., input_size] (a QuantizedInput where ``input_quant``
+        asked for one)."""
         raise NotImplementedError
+
+    def input_quant(self, layer: nn.Module) -> torch.dtype | None:
+        """The fp8 dtype this method quantizes x to, one scale per token, before its matmul, when
+        the op before the layer (its norm, its activation) should do that in the same kernel
+        and hand over a QuantizedInput; None (the default): plain x."""
+        return None
 
     def checkpoint_names(self) -> tuple[str, ...]:
         """Suffixes of the checkpoint tensors of one linear (e.g. weight, qweight, scales)."""

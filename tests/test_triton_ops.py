@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from triton_interpreter import DEVICE  # noqa: F401  (sets TRITON_INTERPRET on the CPU)
+from triton_interpreter import interpreter_fp8_rounding  # noqa: F401
 
 from loom import ops  # noqa: E402
 from loom.ops import FusedOps  # noqa: E402
@@ -153,3 +154,49 @@ def test_write_kv_matches_torch_twin(dtype):
     OPS.write_kv(kv_cache, k, v, metadata.slot_mapping)
     assert not torch.equal(expected, kv_cache.clone().zero_())
     assert torch.equal(kv_cache, expected)
+
+
+# The fused ops with an fp8 per-token output (for an FP8 linear after them): the codes and scales
+# equal the unfused Triton op followed by quantize_per_token bit for bit, and dequantized they
+# are the torch twin's within fp8's rounding.
+FP8 = torch.float8_e4m3fn
+
+
+def check_quantized(fused, unfused_out: torch.Tensor, twin) -> None:
+    expected = ops.quantize_per_token(unfused_out, FP8)
+    assert fused.dtype == unfused_out.dtype and fused.data.dtype == FP8
+    assert torch.equal(fused.scale, expected.scale)
+    assert torch.equal(fused.data.view(torch.uint8), expected.data.view(torch.uint8))
+    deq = fused.data.float() * fused.scale
+    assert rel_err(deq, twin.data.float() * twin.scale) < 0.08
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,hidden", [(1, 96), (3, 130), (17, 256)])
+def test_rms_norm_quant(dtype, tokens, hidden, interpreter_fp8_rounding):
+    x = randn(tokens, hidden, dtype=dtype) * 3
+    w = 1 + 0.1 * randn(hidden, dtype=dtype, seed=1)
+    check_quantized(OPS.rms_norm_quant(x, w, 1e-6, FP8), OPS.rms_norm(x, w, 1e-6),
+                    REF.rms_norm_quant(x, w, 1e-6, FP8))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,hidden", [(1, 96), (5, 130)])
+def test_add_rms_norm_quant(dtype, tokens, hidden, interpreter_fp8_rounding):
+    x, res = randn(tokens, hidden, dtype=dtype), randn(tokens, hidden, dtype=dtype, seed=1)
+    w = 1 + 0.1 * randn(hidden, dtype=dtype, seed=2)
+    fused, res_out = OPS.add_rms_norm_quant(x, res, w, 1e-5, FP8)
+    out, ref_res = OPS.add_rms_norm(x, res, w, 1e-5)
+    twin, twin_res = REF.add_rms_norm_quant(x, res, w, 1e-5, FP8)
+    check_quantized(fused, out, twin)
+    assert torch.equal(res_out, ref_res)
+    check(res_out, twin_res)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,n", [(1, 64), (4, 1500), (9, 2048)])
+def test_silu_and_mul_quant(dtype, tokens, n, interpreter_fp8_rounding):
+    """Rows longer than one block of columns (1500, 2048) take two passes of several blocks."""
+    x = randn(tokens, 2 * n, dtype=dtype) * 4
+    check_quantized(OPS.silu_and_mul_quant(x, FP8), OPS.silu_and_mul(x),
+                    REF.silu_and_mul_quant(x, FP8))

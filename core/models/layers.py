@@ -26,11 +26,18 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size))
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        """norm(x); with ``residual``: (norm(x + residual), x + residual)."""
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
+                quant: torch.dtype | None = None):
+        """norm(x); with ``residual``: (norm(x + residual), x + residual). With ``quant`` (the
+        next linear's ``input_quant``) the norm comes quantized per token (a QuantizedInput)."""
+        fused = ops.active()
+        if quant is not None:
+            if residual is None:
+                return fused.rms_norm_quant(x, self.weight, self.eps, quant)
+            return fused.add_rms_norm_quant(x, residual, self.weight, self.eps, quant)
         if residual is None:
-            return ops.active().rms_norm(x, self.weight, self.eps)
-        return ops.active().add_rms_norm(x, residual, self.weight, self.eps)
+            return fused.rms_norm(x, self.weight, self.eps)
+        return fused.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class RotaryEmbedding(nn.Module):
@@ -77,7 +84,9 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
 class SiluAndMul(nn.Module):
     """silu(x[..., :n]) * x[..., n:] for x [..., 2n] (the fused gate|up output)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, quant: torch.dtype | None = None):
+        if quant is not None:
+            return ops.active().silu_and_mul_quant(x, quant)
         return ops.active().silu_and_mul(x)
 
 
@@ -213,6 +222,11 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.quant_method.apply(self, x, self.bias)
+
+    def input_quant(self) -> torch.dtype | None:
+        """The fp8 dtype the op before this layer should quantize its output to (per token), or
+        None (see QuantMethod.input_quant)."""
+        return self.quant_method.input_quant(self)
 
 
 class ColumnParallelLinear(Linear):

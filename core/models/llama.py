@@ -80,7 +80,7 @@ class LlamaMLP(nn.Module):
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+        return self.down_proj(self.act_fn(self.gate_up_proj(x), self.down_proj.input_quant()))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -94,12 +94,15 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, positions, hidden, residual, kv_cache, attn_metadata):
+        # An FP8 qkv / gate_up (per-token activations) takes its input quantized by the norm.
+        quant = self.self_attn.qkv_proj.input_quant()
         if residual is None:
-            hidden, residual = self.input_layernorm(hidden), hidden
+            hidden, residual = self.input_layernorm(hidden, quant=quant), hidden
         else:
-            hidden, residual = self.input_layernorm(hidden, residual)
+            hidden, residual = self.input_layernorm(hidden, residual, quant=quant)
         hidden = self.self_attn(positions, hidden, kv_cache, attn_metadata)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        hidden, residual = self.post_attention_layernorm(
+            hidden, residual, quant=self.mlp.gate_up_proj.input_quant())
         return self.mlp(hidden), residual
 
 

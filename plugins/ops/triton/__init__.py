@@ -33,6 +33,15 @@ class TritonFusedOps(FusedOps):
     def silu_and_mul(self, x):
         return self.kernels.silu_and_mul(x)
 
+    def rms_norm_quant(self, x, weight, eps, fp8_dtype):
+        return self.kernels.rms_norm_quant(x, weight, eps, fp8_dtype)
+
+    def add_rms_norm_quant(self, x, residual, weight, eps, fp8_dtype):
+        return self.kernels.add_rms_norm_quant(x, residual, weight, eps, fp8_dtype)
+
+    def silu_and_mul_quant(self, x, fp8_dtype):
+        return self.kernels.silu_and_mul_quant(x, fp8_dtype)
+
     def rotary(self, positions, q, k, cos_sin_cache):
         return self.kernels.rotary(positions, q, k, cos_sin_cache)
 

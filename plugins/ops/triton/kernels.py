@@ -1,5 +1,6 @@
 """Triton kernels for the fused ops: RMSNorm (optionally with the residual add), SiLU-and-mul
-and rotate-half rotary. fp32 math; results rounded where the torch twin rounds. And the paged
+(either optionally quantizing its output per token to fp8 for an FP8 linear after it) and
+rotate-half rotary. fp32 math; results rounded where the torch twin rounds. And the paged
 KV-cache write by slot mapping, for a [2, num_blocks, block_size, num_kv_heads, head_size] cache
 (quantizing to fp8 by per-tensor scales when the cache is fp8).
 
@@ -13,14 +14,26 @@ import triton
 import triton.language as tl
 
 from loom.attention import is_fp8
+from loom.quant import QuantizedInput
 
 SILU_BLOCK = 1024   # columns per silu_and_mul program
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, inner, D, eps,
+def _quantize_row(y, cols, mask, row, q_ptr, s_ptr, D, FP8_MAX: tl.constexpr):
+    """One row (fp32, as rounded to the model dtype) to fp8 with scale max|y| / FP8_MAX: what
+    quantize_per_token (loom.ops) computes, division IEEE-rounded."""
+    scale = tl.maximum(tl.max(tl.where(mask, tl.abs(y), 0.0), axis=0), 1e-12) / FP8_MAX
+    tl.store(s_ptr + row, scale)
+    q = tl.clamp(tl.div_rn(y, scale), -FP8_MAX, FP8_MAX)
+    tl.store(q_ptr + row * D + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, q_ptr, s_ptr, inner, D, eps,
                      x_s0, x_s1, x_s2, r_s0, r_s1, r_s2,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, QUANT: tl.constexpr,
+                     FP8_MAX: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     outer, head = row // inner, row % inner
     cols = tl.arange(0, BLOCK)
@@ -33,7 +46,11 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, inner, D, eps,
     xf = x.to(tl.float32)
     normed = (xf * tl.rsqrt(tl.sum(xf * xf, axis=0) / D + eps)).to(x.dtype)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * D + cols, (normed.to(tl.float32) * w).to(x.dtype), mask=mask)
+    y = (normed.to(tl.float32) * w).to(x.dtype)
+    if QUANT:
+        _quantize_row(y.to(tl.float32), cols, mask, row, q_ptr, s_ptr, D, FP8_MAX)
+    else:
+        tl.store(out_ptr + row * D + cols, y, mask=mask)
 
 
 def _as_3d(x: torch.Tensor) -> torch.Tensor:
@@ -51,6 +68,28 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return out
 
 
+def rms_norm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                   fp8_dtype: torch.dtype) -> QuantizedInput:
+    """rms_norm(x) quantized per token to fp8 in the same kernel (x [T, D])."""
+    q, scale = _quant_outputs(x, fp8_dtype)
+    _launch_rms_norm(x, None, weight, eps, q, q, (q, scale))
+    return QuantizedInput(q, scale, x.dtype)
+
+
+def add_rms_norm_quant(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                       fp8_dtype: torch.dtype) -> tuple[QuantizedInput, torch.Tensor]:
+    q, scale = _quant_outputs(x, fp8_dtype)
+    res_out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    _launch_rms_norm(x, residual, weight, eps, q, res_out, (q, scale))
+    return QuantizedInput(q, scale, x.dtype), res_out
+
+
+def _quant_outputs(x: torch.Tensor, fp8_dtype: torch.dtype):
+    rows = x.numel() // x.shape[-1]
+    return (torch.empty(rows, x.shape[-1], dtype=fp8_dtype, device=x.device),
+            torch.empty(rows, 1, dtype=torch.float32, device=x.device))
+
+
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(rms_norm(x + residual), x + residual) into new tensors; x and residual are left as they
@@ -61,13 +100,16 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
     return out, res_out
 
 
-def _launch_rms_norm(x, residual, weight, eps, out, res_out) -> None:
+def _launch_rms_norm(x, residual, weight, eps, out, res_out, quant=None) -> None:
     x3 = _as_3d(x)
     r3 = x3 if residual is None else _as_3d(residual)
     block = triton.next_power_of_2(x.shape[-1])
+    q, scale = quant if quant is not None else (out, out)
     _rms_norm_kernel[(x3.shape[0] * x3.shape[1],)](
-        x3, r3, weight, out, res_out, x3.shape[1], x.shape[-1], eps, *x3.stride(), *r3.stride(),
-        HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=_num_warps(block))
+        x3, r3, weight, out, res_out, q, scale, x3.shape[1], x.shape[-1], eps, *x3.stride(),
+        *r3.stride(), HAS_RESIDUAL=residual is not None, BLOCK=block, QUANT=quant is not None,
+        FP8_MAX=torch.finfo(q.dtype).max if quant is not None else 0.0,
+        num_warps=_num_warps(block))
 
 
 @triton.jit
@@ -93,6 +135,52 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     _silu_and_mul_kernel[grid](x2, out, x2.stride(0), n, BLOCK=block,
                                num_warps=_num_warps(block))
     return out
+
+
+@triton.jit
+def _silu_and_mul_quant_kernel(x_ptr, q_ptr, s_ptr, x_stride, n, FP8_MAX: tl.constexpr,
+                               BLOCK: tl.constexpr):
+    """One row: silu(gate) * up as silu_and_mul rounds it, its max, then the fp8 codes (the
+    row's products are computed twice rather than kept)."""
+    row = tl.program_id(0).to(tl.int64)
+    amax = tl.zeros([BLOCK], dtype=tl.float32)
+    for c0 in range(0, n, BLOCK):
+        y = _silu_mul_block(x_ptr, row, x_stride, n, c0, BLOCK)
+        amax = tl.maximum(amax, tl.abs(y))
+    scale = tl.maximum(tl.max(amax, axis=0), 1e-12) / FP8_MAX
+    tl.store(s_ptr + row, scale)
+    for c0 in range(0, n, BLOCK):
+        cols = c0 + tl.arange(0, BLOCK)
+        y = _silu_mul_block(x_ptr, row, x_stride, n, c0, BLOCK)
+        q = tl.clamp(tl.div_rn(y, scale), -FP8_MAX, FP8_MAX)
+        tl.store(q_ptr + row * n + cols, q.to(q_ptr.dtype.element_ty), mask=cols < n)
+
+
+@triton.jit
+def _silu_mul_block(x_ptr, row, x_stride, n, c0, BLOCK: tl.constexpr):
+    """silu(gate) * up over columns [c0, c0 + BLOCK), rounded as silu_and_mul stores it, in fp32
+    (0 past n)."""
+    cols = c0 + tl.arange(0, BLOCK)
+    mask = cols < n
+    gate = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(x_ptr + row * x_stride + n + cols, mask=mask, other=0.0)
+    act = (gate / (1.0 + tl.exp(-gate))).to(up.dtype)
+    return (act.to(tl.float32) * up.to(tl.float32)).to(up.dtype).to(tl.float32)
+
+
+def silu_and_mul_quant(x: torch.Tensor, fp8_dtype: torch.dtype) -> QuantizedInput:
+    """silu_and_mul(x) quantized per token to fp8 in one kernel (a program per row)."""
+    n = x.shape[-1] // 2
+    x2 = x.reshape(-1, 2 * n)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    q = torch.empty(x2.shape[0], n, dtype=fp8_dtype, device=x.device)
+    scale = torch.empty(x2.shape[0], 1, dtype=torch.float32, device=x.device)
+    block = min(SILU_BLOCK, triton.next_power_of_2(n))
+    _silu_and_mul_quant_kernel[(x2.shape[0],)](x2, q, scale, x2.stride(0), n,
+                                               FP8_MAX=torch.finfo(fp8_dtype).max, BLOCK=block,
+                                               num_warps=_num_warps(block))
+    return QuantizedInput(q, scale, x.dtype)
 
 
 @triton.jit

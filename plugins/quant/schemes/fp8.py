@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from loom.plugins.quant.schemes.base import Scheme
+from loom.quant import QuantizedInput
 
 WEIGHTS = ("tensor", "channel", "block", "online")
 ACTIVATIONS = ("static", "token", "group", None)
@@ -164,7 +165,19 @@ class Fp8Scheme(Scheme):
         rows = [s.repeat_interleave(bn, 0)[:n] for s, n in zip(shards, layer.output_sizes)]
         return layer.weight.data, torch.cat(rows)
 
+    def input_quant(self, layer):
+        """Per-token activations on CUDA (row-wise or tensor-wise _scaled_mm, not the block GEMM):
+        the norm or activation before the layer quantizes its output in the same kernel."""
+        if self.act == "token" and self.weight != "block" and layer.w_fp8.is_cuda:
+            return self.fp8_dtype
+        return None
+
     def apply(self, layer, x, bias):
+        if isinstance(x, QuantizedInput):    # quantized upstream, as apply_cuda would have
+            if x.data.is_cuda:
+                return self.scaled_mm(layer, x.data, x.scale, bias, x.dtype)
+            xd = (x.data.float() * x.scale).to(x.dtype)      # the CPU twin: dequantized
+            return F.linear(xd, self.dequantized_weight(layer, x.dtype), bias)
         x2 = x.reshape(-1, x.shape[-1])
         if x.is_cuda:
             y = self.apply_cuda(layer, x2, bias)
@@ -201,16 +214,22 @@ class Fp8Scheme(Scheme):
             xq, x_scale = _per_token_quant()(x, self.fp8_dtype)
         else:
             xq, x_scale = quantize_act(x, self.act, self.fp8_dtype, layer.a_scale, self.group_k)
+        return self.scaled_mm(layer, xq, x_scale, bias, x.dtype)
+
+    def scaled_mm(self, layer, xq: torch.Tensor, x_scale: torch.Tensor, bias,
+                  out_dtype: torch.dtype) -> torch.Tensor:
+        """y = dequant(xq) @ dequant(W)^T (+ bias) in out_dtype, on CUDA."""
         if self.weight == "block":
-            y = _block_gemm()(xq, x_scale, layer.w_fp8, layer.w_block_scale, self.group_k, x.dtype)
+            y = _block_gemm()(xq, x_scale, layer.w_fp8, layer.w_block_scale, self.group_k,
+                              out_dtype)
             return y if bias is None else y + bias
         if layer.tensor_wise:
             return torch._scaled_mm(xq, layer.w_fp8.t(), scale_a=x_scale,
-                                    scale_b=layer.w_scale[0], bias=bias, out_dtype=x.dtype,
+                                    scale_b=layer.w_scale[0], bias=bias, out_dtype=out_dtype,
                                     use_fast_accum=self.fast_accum)
         # row-wise scaling: one scale per row of x and per column of y; bf16 out only
-        row_scale = x_scale.expand(x.shape[0], 1).contiguous()
+        row_scale = x_scale.expand(xq.shape[0], 1).contiguous()
         y = torch._scaled_mm(xq, layer.w_fp8.t(), scale_a=row_scale,
                              scale_b=layer.w_scale[None, :], out_dtype=torch.bfloat16,
-                             use_fast_accum=self.fast_accum).to(x.dtype)
+                             use_fast_accum=self.fast_accum).to(out_dtype)
         return y if bias is None else y + bias
