@@ -17,6 +17,7 @@ from loom.attention import is_fp8
 from loom.quant import QuantizedInput
 
 SILU_BLOCK = 1024   # columns per silu_and_mul program
+SILU_QUANT_BLOCK = 16384   # silu_and_mul_quant: a row up to this long is held in registers
 
 
 @triton.jit
@@ -139,21 +140,26 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 @triton.jit
 def _silu_and_mul_quant_kernel(x_ptr, q_ptr, s_ptr, x_stride, n, FP8_MAX: tl.constexpr,
-                               BLOCK: tl.constexpr):
-    """One row: silu(gate) * up as silu_and_mul rounds it, its max, then the fp8 codes (the
-    row's products are computed twice rather than kept)."""
+                               BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr):
+    """One row: silu(gate) * up as silu_and_mul rounds it, its max, then the fp8 codes. A row of
+    one block stays in registers; longer rows are computed twice rather than kept."""
     row = tl.program_id(0).to(tl.int64)
-    amax = tl.zeros([BLOCK], dtype=tl.float32)
-    for c0 in range(0, n, BLOCK):
-        y = _silu_mul_block(x_ptr, row, x_stride, n, c0, BLOCK)
-        amax = tl.maximum(amax, tl.abs(y))
-    scale = tl.maximum(tl.max(amax, axis=0), 1e-12) / FP8_MAX
-    tl.store(s_ptr + row, scale)
-    for c0 in range(0, n, BLOCK):
-        cols = c0 + tl.arange(0, BLOCK)
-        y = _silu_mul_block(x_ptr, row, x_stride, n, c0, BLOCK)
-        q = tl.clamp(tl.div_rn(y, scale), -FP8_MAX, FP8_MAX)
-        tl.store(q_ptr + row * n + cols, q.to(q_ptr.dtype.element_ty), mask=cols < n)
+    if ONE_BLOCK:
+        cols = tl.arange(0, BLOCK)
+        y = _silu_mul_block(x_ptr, row, x_stride, n, 0, BLOCK)
+        _quantize_row(y, cols, cols < n, row, q_ptr, s_ptr, n, FP8_MAX)
+    else:
+        amax = tl.zeros([BLOCK], dtype=tl.float32)
+        for c0 in range(0, n, BLOCK):
+            y = _silu_mul_block(x_ptr, row, x_stride, n, c0, BLOCK)
+            amax = tl.maximum(amax, tl.abs(y))
+        scale = tl.maximum(tl.max(amax, axis=0), 1e-12) / FP8_MAX
+        tl.store(s_ptr + row, scale)
+        for c0 in range(0, n, BLOCK):
+            cols = c0 + tl.arange(0, BLOCK)
+            y = _silu_mul_block(x_ptr, row, x_stride, n, c0, BLOCK)
+            q = tl.clamp(tl.div_rn(y, scale), -FP8_MAX, FP8_MAX)
+            tl.store(q_ptr + row * n + cols, q.to(q_ptr.dtype.element_ty), mask=cols < n)
 
 
 @triton.jit
@@ -176,10 +182,11 @@ def silu_and_mul_quant(x: torch.Tensor, fp8_dtype: torch.dtype) -> QuantizedInpu
         x2 = x2.contiguous()
     q = torch.empty(x2.shape[0], n, dtype=fp8_dtype, device=x.device)
     scale = torch.empty(x2.shape[0], 1, dtype=torch.float32, device=x.device)
-    block = min(SILU_BLOCK, triton.next_power_of_2(n))
+    block = min(SILU_QUANT_BLOCK, triton.next_power_of_2(n))
     _silu_and_mul_quant_kernel[(x2.shape[0],)](x2, q, scale, x2.stride(0), n,
                                                FP8_MAX=torch.finfo(fp8_dtype).max, BLOCK=block,
-                                               num_warps=_num_warps(block))
+                                               ONE_BLOCK=block >= n, num_warps=16 if block >= 8192
+                                               else _num_warps(block))
     return QuantizedInput(q, scale, x.dtype)
 
 
