@@ -6,7 +6,7 @@ registered the same way. Every hook returns *classes*; each class carries a uniq
 (model classes: their Hugging Face ``architectures`` names).
 
 Versioning: ``LOOM_PLUGIN_API`` is "MAJOR.MINOR". A plugin declares the version it was built
-for as a module attribute, ``LOOM_PLUGIN_API = "1.3"``; loom refuses a plugin whose major differs
+for as a module attribute, ``LOOM_PLUGIN_API = "1.4"``; loom refuses a plugin whose major differs
 or whose minor is newer than its own, with a message naming both versions. A minor version only
 adds: a hook may gain arguments (pluggy lets an implementation take fewer), never lose them; an
 interface may gain members with defaults. A name that moves is listed in ``MOVED`` and keeps
@@ -26,7 +26,9 @@ ENTRY_POINT_GROUP = "loom"
 #      (tensor parallelism: which part of a checkpoint tensor a rank loads).
 # 1.3: AttentionBackend.supported_kv_cache_dtypes, k_scale / v_scale and fp8 KV caches;
 #      FusedOps.write_kv takes k_scale / v_scale.
-LOOM_PLUGIN_API = "1.3"
+# 1.4: QuantMethod.input_quant and loom.quant.QuantizedInput; FusedOps.rms_norm_quant,
+#      add_rms_norm_quant, silu_and_mul_quant (the op before an FP8 linear quantizes for it).
+LOOM_PLUGIN_API = "1.4"
 
 
 class LoomDeprecationWarning(DeprecationWarning):
