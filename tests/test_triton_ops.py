@@ -165,8 +165,16 @@ FP8 = torch.float8_e4m3fn
 def check_quantized(fused, unfused_out: torch.Tensor, twin) -> None:
     expected = ops.quantize_per_token(unfused_out, FP8)
     assert fused.dtype == unfused_out.dtype and fused.data.dtype == FP8
-    assert torch.equal(fused.scale, expected.scale)
-    assert torch.equal(fused.data.view(torch.uint8), expected.data.view(torch.uint8))
+    if DEVICE == "cuda" and unfused_out.dtype == torch.float32:
+        # Compiled separately, the fused and the plain kernel may differ in an fp32 output's
+        # last bit (no rounding to the model dtype absorbs it), which can move a code that lies
+        # on a rounding boundary by one step (seen on the H200: 1 case in 12).
+        assert torch.allclose(fused.scale, expected.scale, rtol=1e-6, atol=0)
+        codes, ref = fused.data.view(torch.uint8).int(), expected.data.view(torch.uint8).int()
+        assert (codes - ref).abs().max() <= 1 and (codes != ref).float().mean() < 0.01
+    else:
+        assert torch.equal(fused.scale, expected.scale)
+        assert torch.equal(fused.data.view(torch.uint8), expected.data.view(torch.uint8))
     deq = fused.data.float() * fused.scale
     assert rel_err(deq, twin.data.float() * twin.scale) < 0.08
 
