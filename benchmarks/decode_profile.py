@@ -26,6 +26,14 @@ from loom.bench.common import git_commit
 from loom.config import read_yaml
 
 
+def parse_value(value: str):
+    """A --set value: JSON where it parses (numbers, true/false, lists), else the string."""
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
+
+
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -74,7 +82,7 @@ def main() -> None:
     values = read_yaml(args.config)
     for item in args.set:
         key, _, value = item.partition("=")
-        values[key] = json.loads(value) if value[:1] in "0123456789[{tf" else value
+        values[key] = parse_value(value)
     model = values.pop("model")
     gen = torch.Generator().manual_seed(0)
     vocab = json.load(open(f"{model}/config.json"))["vocab_size"]
