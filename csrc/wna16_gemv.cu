@@ -19,6 +19,10 @@
 //
 // The grid holds at most blocks_per_sm blocks per SM, each looping over row tiles, so x is
 // converted once per block; the launch depends only on shapes (safe in a CUDA graph).
+// prefetch_steps > 0 also asks L2 for later batches (bulk prefetches); on the H200 that slowed
+// every Llama-3-8B linear (run 32), so the default is 0. Operands are checked in Python
+// (native/wna16_gemv.py) before the call: a failing check in here ended the process on the H200's
+// image rather than raising (run 29).
 #include <torch/extension.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
