@@ -116,13 +116,10 @@ def _launch_rms_norm(x, residual, weight, eps, out, res_out, quant=None) -> None
 @triton.jit
 def _silu_and_mul_kernel(x_ptr, out_ptr, x_stride, n, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < n
-    gate = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(x_ptr + row * x_stride + n + cols, mask=mask, other=0.0)
-    act = (gate / (1.0 + tl.exp(-gate))).to(up.dtype)
-    tl.store(out_ptr + row * n + cols, (act.to(tl.float32) * up.to(tl.float32)).to(up.dtype),
-             mask=mask)
+    c0 = tl.program_id(1) * BLOCK
+    cols = c0 + tl.arange(0, BLOCK)
+    y = _silu_mul_block(x_ptr, row, x_stride, n, c0, BLOCK)
+    tl.store(out_ptr + row * n + cols, y.to(out_ptr.dtype.element_ty), mask=cols < n)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

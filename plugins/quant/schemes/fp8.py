@@ -16,6 +16,7 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
+from loom.ops import quantize_per_token
 from loom.plugins.quant.schemes.base import Scheme
 from loom.quant import QuantizedInput
 
@@ -38,8 +39,8 @@ def quantize_act(x: torch.Tensor, mode: str, dtype: torch.dtype, static_scale=No
     if mode == "static":
         return quantize(x, static_scale, dtype), static_scale
     if mode == "token":
-        scale = x.abs().amax(-1, keepdim=True).float().clamp(min=1e-12) / fp8_max(dtype)
-        return quantize(x, scale, dtype), scale
+        q = quantize_per_token(x, dtype)
+        return q.data, q.scale
     k = x.shape[-1]
     padded = F.pad(x, (0, -k % group)).view(x.shape[0], -1, group)
     scale = padded.abs().amax(-1, keepdim=True).float().clamp(min=1e-12) / fp8_max(dtype)
