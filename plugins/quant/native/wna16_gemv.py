@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from loom.plugins.quant.triton.split_k import num_sms
+
 logger = logging.getLogger("loom")
 
 MAX_M = 4
@@ -37,11 +39,12 @@ class NativeGemvConfig:
 
 
 @functools.cache
-def default_config(n: int, k: int, m: int) -> NativeGemvConfig:
+def default_config(n: int, k: int, m: int, sms: int) -> NativeGemvConfig:
     """From the H200 sweep (benchmarks/results/kernels_quant_gemv_native_h200_run*.json): one row
     of x takes 2 rows per warp, unless 1 row per warp splits the rows into tiles that fill the
     grid's last round better (each block handles whole tiles); long rows (K > 8192) 2 loads per
-    lane and 3 blocks per SM. Two rows of x take 1 row per warp, more take 2."""
+    lane and 3 blocks per SM. Two rows of x take 1 row per warp, more take 2. ``sms``: the
+    device's multiprocessor count."""
     if m >= 3:
         return NativeGemvConfig(2, 4, 2)
     if m == 2:
@@ -49,23 +52,17 @@ def default_config(n: int, k: int, m: int) -> NativeGemvConfig:
     if k > 8192:
         return NativeGemvConfig(2, 2, 3)
     return min((NativeGemvConfig(2, 4, 2), NativeGemvConfig(1, 4, 2)),
-               key=lambda c: _last_round_waste(n, c))
+               key=lambda c: _last_round_waste(n, c, sms))
 
 
-def _last_round_waste(n: int, cfg: NativeGemvConfig) -> float:
+def _last_round_waste(n: int, cfg: NativeGemvConfig, sms: int) -> float:
     """Idle share of the grid's block slots over the rounds of row tiles (8 warps a tile)."""
     tiles = -(-n // (8 * cfg.rows_per_warp))
-    slots = _num_sms() * cfg.blocks_per_sm
+    slots = sms * cfg.blocks_per_sm
     if tiles <= slots:
         return 0.0
     rounds = -(-tiles // slots)
     return 1 - tiles / (rounds * slots)
-
-
-@functools.cache
-def _num_sms() -> int:
-    return torch.cuda.get_device_properties(0).multi_processor_count if (
-        torch.cuda.is_available()) else 132
 
 
 def check_operands(x, w_q, scales, zeros, perm, bias, group_size: int,
@@ -143,7 +140,7 @@ def int4_gemv(x: torch.Tensor, w_q: torch.Tensor, scales: torch.Tensor, zeros: t
               perm: torch.Tensor | None, group_size: int, bias: torch.Tensor | None = None,
               config: NativeGemvConfig | None = None) -> torch.Tensor:
     """x [M, K] @ W^T (+ bias) -> [M, N] in x's dtype (``applies`` must hold)."""
-    cfg = config or default_config(w_q.shape[0], x.shape[1], x.shape[0])
+    cfg = config or default_config(w_q.shape[0], x.shape[1], x.shape[0], num_sms(x.device))
     if not 1 <= x.shape[0] <= MAX_M:
         raise ValueError(f"int4_gemv takes 1 to {MAX_M} rows of x, got {x.shape[0]}")
     check_operands(x, w_q, scales, zeros, perm, bias, group_size, cfg)

@@ -20,7 +20,8 @@ class TileConfig:
 
 
 @functools.cache
-def _num_sms(device: torch.device) -> int:
+def num_sms(device: torch.device) -> int:
+    """The device's multiprocessor count (1 off CUDA); the quant kernels size grids by it."""
     if device.type != "cuda":
         return 1
     return torch.cuda.get_device_properties(device).multi_processor_count
@@ -28,7 +29,7 @@ def _num_sms(device: torch.device) -> int:
 
 def split_k_for(tiles: int, k_steps: int, device: torch.device) -> int:
     """Enough K splits that the grid covers every SM about twice, at most one per K step."""
-    return max(1, min(triton.cdiv(2 * _num_sms(device), tiles), k_steps))
+    return max(1, min(triton.cdiv(2 * num_sms(device), tiles), k_steps))
 
 
 @dataclass

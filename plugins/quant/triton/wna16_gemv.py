@@ -23,13 +23,14 @@ timing. Grid, constexprs and allocations depend only on shapes: safe to capture 
 """
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+
+from loom.plugins.quant.triton.split_k import num_sms
 
 MAX_M = 16        # rows of x the GEMV takes; a tensor-core dot pads them to 16
 DOT_ROWS = 16
@@ -285,13 +286,6 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, y_ptr, part_ptr
         _store(out, bias_ptr, y_ptr, rm, rn, N, mask, stride_ym, HAS_BIAS)
 
 
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 _COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
 
 
@@ -332,7 +326,7 @@ def _splits(blocks: int, K: int, block_k: int, cfg: WNA16GemvConfig, device) -> 
     k_steps = triton.cdiv(K, block_k)
     if cfg.split_k:
         return max(1, min(cfg.split_k, k_steps))
-    return max(1, min(triton.cdiv(cfg.programs_per_sm * _num_sms(device), blocks), k_steps))
+    return max(1, min(triton.cdiv(cfg.programs_per_sm * num_sms(device), blocks), k_steps))
 
 
 def wna16_gemv(x: torch.Tensor, w_q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
