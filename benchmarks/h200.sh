@@ -10,7 +10,7 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" benchmarks/results
 # Native kernels (csrc/) build here; carry .ext to reuse a build (the native phase returns it).
 export TORCH_EXTENSIONS_DIR=$PWD/.ext
 [ -d .ext ] && find .ext -type f -exec touch {} +   # newer than the sources: ninja keeps it
-CFG=configs/llama3-8b.yaml
+CFG=${CFG:-configs/llama3-8b.yaml}
 log() { echo "=== $* ($(date +%T))"; }
 
 for phase in "$@"; do
@@ -131,7 +131,7 @@ with tarfile.open('$OUT/flashinfer-jit.tar.xz', 'w:xz') as t:
       # PROFILE_BATCHES="1 64": decode-step kernel time by kernel (benchmarks/decode_profile.py).
       for b in ${PROFILE_BATCHES:-1}; do
         log "decode profile batch $b ${PROFILE_SET:-}"
-        python3 benchmarks/decode_profile.py --config $CFG --batch-size $b --set ${PROFILE_SET:-} \
+        python3 benchmarks/decode_profile.py --config $CFG --batch-size $b --set ${PROFILE_SET:-} ${PROFILE_FLAGS:-} \
           --json "$OUT/decode_profile_b${b}${PROFILE_TAG:-}.json" 2>&1 | grep -v "^\[\|USDT" | tail -32
       done
       ;;
@@ -168,10 +168,15 @@ with tarfile.open('$OUT/flashinfer-jit.tar.xz', 'w:xz') as t:
       ;;
     quant-latency)
       # Batch-1 decode of 4-bit GPTQ and AWQ (Llama-3-8B shape, random weights) against bf16.
-      for c in llama3-8b llama3-8b-gptq llama3-8b-awq; do
-        log "latency batch 1, 128 in / 256 out: $c"
-        loom --log-level WARNING bench latency --config configs/$c.yaml --batch-size 1 --input-len 128 \
-          --output-len 256 --num-iters 3 --num-iters-warmup 1 --json "$OUT/latency_b1_$c.json" 2>&1 | tail -4
+      # QUANT_LATENCY: configs, each optionally with environment settings after a colon
+      # (comma-separated), e.g. "llama3-8b-gptq:LOOM_NATIVE_PDL=0"; results tagged by them.
+      for v in ${QUANT_LATENCY:-llama3-8b llama3-8b-gptq llama3-8b-awq}; do
+        c=${v%%:*}; envs=; [ "$v" != "$c" ] && envs=${v#*:}
+        tag=$c${envs:+_$(echo "$envs" | tr ',=' '__')}
+        log "latency batch 1, 128 in / 256 out: $c ${envs}"
+        env ${envs//,/ } loom --log-level WARNING bench latency --config configs/$c.yaml --batch-size 1 \
+          --input-len 128 --output-len 256 --num-iters 3 --num-iters-warmup 1 \
+          --json "$OUT/latency_b1_$tag.json" 2>&1 | tail -4
       done
       ;;
     *) echo "unknown phase $phase"; exit 2 ;;

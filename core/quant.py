@@ -22,6 +22,44 @@ class QuantizedInput:
     dtype: torch.dtype      # of x before quantization: the layer's output dtype
 
 
+@dataclass
+class FusedInput:
+    """The op before a linear, left to the linear's own kernel to apply to x as it reads it
+    (where the method's ``fuses_input`` said it would), saving that op's kernel:
+
+    - ``"rms_norm"``: rms_norm(x) * weight, or with ``residual`` rms_norm(x + residual) * weight,
+      where x + residual (added in x's dtype) also goes to ``residual_out`` (the caller's buffer,
+      never residual itself: every block of the kernel reads residual);
+    - ``"silu_and_mul"``: silu(x[:, :K]) * x[:, K:] for x [M, 2K].
+
+    ``evaluate()`` is the reference: the input the unfused ops give, residual_out filled."""
+    op: str
+    x: torch.Tensor
+    weight: torch.Tensor | None = None
+    eps: float = 0.0
+    residual: torch.Tensor | None = None
+    residual_out: torch.Tensor | None = None
+
+    OPS = ("rms_norm", "silu_and_mul")
+
+    def __post_init__(self):
+        if self.op not in self.OPS:
+            raise ValueError(f"FusedInput op must be one of {self.OPS}, got {self.op!r}")
+        if (self.residual is None) != (self.residual_out is None):
+            raise ValueError("FusedInput: residual and residual_out come together")
+
+    def evaluate(self) -> torch.Tensor:
+        from loom import ops        # ops imports this module
+        fused = ops.active()
+        if self.op == "silu_and_mul":
+            return fused.silu_and_mul(self.x)
+        if self.residual is None:
+            return fused.rms_norm(self.x, self.weight, self.eps)
+        out, total = fused.add_rms_norm(self.x, self.residual, self.weight, self.eps)
+        self.residual_out.copy_(total)
+        return out
+
+
 class QuantMethod:
     """A weight format. Registered through the ``loom_quant_methods`` hook."""
 
@@ -102,8 +140,14 @@ class QuantMethod:
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """y = x @ W^T (+ bias) for x [..., input_size] (a QuantizedInput where ``input_quant``
-        asked for one)."""
+        asked for one, a FusedInput where ``fuses_input`` said yes)."""
         raise NotImplementedError
+
+    def fuses_input(self, layer: nn.Module, op: str, x: torch.Tensor) -> bool:
+        """Whether ``apply`` takes a FusedInput of ``op`` (see FusedInput.OPS) over an input
+        like x [M, K] (for silu_and_mul [M, 2K]) and applies the op in its own kernel. Decided
+        from shapes, dtype and device alone, so a captured graph stays valid. Default: False."""
+        return False
 
     def input_quant(self, layer: nn.Module) -> torch.dtype | None:
         """The fp8 dtype this method quantizes x to, one scale per token, before its matmul, when

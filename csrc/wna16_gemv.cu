@@ -17,6 +17,16 @@
 // the other four codes. Subtracting 1024 + zero (resp. 64 + zero) leaves q - zero exactly. A
 // load's products add up in one fp16x2 register, which goes to fp32 with the group's scale.
 //
+// The op before the linear may come fused (the prologue): a block then stages rms_norm(x) *
+// weight, or rms_norm(x + residual) * weight, writing x + residual to residual_out (a chunk per
+// block in turn), or silu(x[:, :K]) * x[:, K:]; rounded to x's dtype after each op as the
+// unfused kernels do. The norm's sum of squares takes a first pass over the row.
+//
+// With pdl the kernel is launched as a programmatic dependent (sm_90+): it may start while the
+// kernel before it in the stream finishes, issues its first weight loads (weights never depend
+// on an earlier kernel), and waits (griddepcontrol.wait) before it reads x or writes anything.
+// It lets the kernel after it start early the same way.
+//
 // The grid holds at most blocks_per_sm blocks per SM, each looping over row tiles, so x is
 // converted once per block; the launch depends only on shapes (safe in a CUDA graph).
 // prefetch_steps > 0 also asks L2 for later batches (bulk prefetches); on the H200 that slowed
@@ -94,6 +104,17 @@ struct Shape {
   int64_t stride_xm;
 };
 
+enum PrologueKind : int { kPlain = 0, kRmsNorm = 1, kSiluAndMul = 2 };
+
+template <typename T>
+struct Prologue {
+  int kind = kPlain;
+  const T* residual = nullptr;  // rms_norm: contiguous [M, K], added to x first ...
+  T* residual_out = nullptr;    // ... and the sum written here, contiguous [M, K]
+  const T* weight = nullptr;    // rms_norm: the norm's weight [K]
+  float eps = 0.f;
+};
+
 template <typename T, int R, int U>
 struct Batch {
   uint4 w[R][U];
@@ -101,30 +122,124 @@ struct Batch {
   T zero[R][U];
 };
 
-// Converts the M rows of x into shared memory: pairs[m][word j][chunk u] holds the 4 fp16x2 pairs
-// (x[k + i], x[k + 4 + i]) * 2^s of inputs k = 32u + 8j .. +8, inv[m][u] the 2^-s.
+template <typename T>
+__device__ __forceinline__ float round_to(float v) { return to_float(from_float<T>(v)); }
+
+// v[i] = row[e] for the 8 inputs e of piece c of chunk u (e = perm[32u + 8c + i], or 32u + 8c +
+// i): one 16-byte load where aligned.
+template <typename T>
+__device__ __forceinline__ void load8(const T* __restrict__ row, const int* __restrict__ perm,
+                                      int u, int c, bool aligned, float v[8]) {
+  const int base = u * kChunk + c * 8;
+  if (perm != nullptr) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = to_float(row[perm[base + i]]);
+  } else if (aligned) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(row + base);
+    const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = to_float(e[i]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = to_float(row[base + i]);
+  }
+}
+
+// The linear's inputs of chunk u of row m before the norm's scaling: x, x + residual (written
+// to residual_out when write_sum), or silu(gate) * up. Eight at a time, to keep few registers
+// live while the first weight loads are in flight.
+template <typename T>
+__device__ __forceinline__ void input_chunk(const T* __restrict__ x, const int* __restrict__ perm,
+                                            const Shape& s, const Prologue<T>& p, bool aligned,
+                                            int m, int u, bool write_sum, float v[kChunk]) {
+  const T* row = x + m * s.stride_xm;
+#pragma unroll
+  for (int c = 0; c < kChunk / 8; ++c) {
+    float* piece = v + c * 8;
+    load8(row, perm, u, c, aligned, piece);
+    float other[8];
+    if (p.kind == kSiluAndMul) {
+      load8(row + s.K, perm, u, c, aligned, other);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const float silu = round_to<T>(piece[i] / (1.f + expf(-piece[i])));
+        piece[i] = round_to<T>(silu * other[i]);
+      }
+    } else if (p.kind == kRmsNorm && p.residual != nullptr) {
+      load8(p.residual + static_cast<int64_t>(m) * s.K, perm, u, c, aligned, other);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) piece[i] = round_to<T>(piece[i] + other[i]);
+      if (write_sum) {
+        T* out = p.residual_out + static_cast<int64_t>(m) * s.K;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const int k = u * kChunk + c * 8 + i;
+          out[perm != nullptr ? perm[k] : k] = from_float<T>(piece[i]);
+        }
+      }
+    }
+  }
+}
+
+// rms_norm's 1 / sqrt(mean(h^2) + eps) of each row h of the inputs, into rstd[M] (shared); the
+// blocks take turns writing x + residual, a chunk each.
 template <typename T, int M>
-__device__ void stage_x(const T* __restrict__ x, const int* __restrict__ perm, const Shape& s,
-                        bool aligned, uint4* pairs, float* inv) {
+__device__ void norm_scales(const T* __restrict__ x, const int* __restrict__ perm, const Shape& s,
+                            const Prologue<T>& p, bool aligned, float* rstd) {
+  __shared__ float partial[kWarps][M];
+  float sq[M];
+#pragma unroll
+  for (int m = 0; m < M; ++m) sq[m] = 0.f;
   for (int idx = threadIdx.x; idx < M * s.chunks; idx += kThreads) {
     const int m = idx / s.chunks, u = idx - m * s.chunks;
-    const T* row = x + m * s.stride_xm;
     float v[kChunk];
-    if (perm != nullptr) {
+    input_chunk<T>(x, perm, s, p, aligned, m, u, u % gridDim.x == blockIdx.x, v);
+    float t = 0.f;
 #pragma unroll
-      for (int i = 0; i < kChunk; ++i) v[i] = to_float(row[perm[u * kChunk + i]]);
-    } else if (aligned) {
-      const uint4* src = reinterpret_cast<const uint4*>(row + u * kChunk);
+    for (int i = 0; i < kChunk; ++i) t = fmaf(v[i], v[i], t);
 #pragma unroll
-      for (int c = 0; c < kChunk * 2 / 16; ++c) {
-        uint4 raw = src[c];
-        const T* e = reinterpret_cast<const T*>(&raw);
+    for (int mm = 0; mm < M; ++mm)
+      if (mm == m) sq[mm] += t;
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 #pragma unroll
-        for (int i = 0; i < 8; ++i) v[c * 8 + i] = to_float(e[i]);
+  for (int m = 0; m < M; ++m) {
+    float t = sq[m];
+#pragma unroll
+    for (int o = 16; o > 0; o /= 2) t += __shfl_xor_sync(0xffffffffu, t, o);
+    if (lane == 0) partial[warp][m] = t;
+  }
+  __syncthreads();
+  if (threadIdx.x < M) {
+    float t = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) t += partial[w][threadIdx.x];
+    rstd[threadIdx.x] = rsqrtf(t / s.K + p.eps);
+  }
+  __syncthreads();
+}
+
+// Converts the M rows of the linear's input into shared memory: pairs[m][word j][chunk u] holds
+// the 4 fp16x2 pairs (x[k + i], x[k + 4 + i]) * 2^s of inputs k = 32u + 8j .. +8, inv[m][u] the
+// 2^-s.
+template <typename T, int M>
+__device__ void stage_x(const T* __restrict__ x, const int* __restrict__ perm, const Shape& s,
+                        const Prologue<T>& p, bool aligned, uint4* pairs, float* inv) {
+  __shared__ float rstd[M];
+  if (p.kind == kRmsNorm) norm_scales<T, M>(x, perm, s, p, aligned, rstd);
+  for (int idx = threadIdx.x; idx < M * s.chunks; idx += kThreads) {
+    const int m = idx / s.chunks, u = idx - m * s.chunks;
+    float v[kChunk];
+    input_chunk<T>(x, perm, s, p, aligned, m, u, false, v);
+    if (p.kind == kRmsNorm) {
+      const float r = rstd[m];
+#pragma unroll
+      for (int c = 0; c < kChunk / 8; ++c) {
+        float w[8];
+        load8(p.weight, perm, u, c, aligned, w);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) v[c * 8 + i] = round_to<T>(w[i] * round_to<T>(v[c * 8 + i] * r));
       }
-    } else {
-#pragma unroll
-      for (int i = 0; i < kChunk; ++i) v[i] = to_float(row[u * kChunk + i]);
     }
     float top = 0.f;
 #pragma unroll
@@ -142,8 +257,8 @@ __device__ void stage_x(const T* __restrict__ x, const int* __restrict__ perm, c
       uint32_t* h = reinterpret_cast<uint32_t*>(&slot);
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        half2 p = __floats2half2_rn(v[8 * j + i] * up, v[8 * j + 4 + i] * up);
-        h[i] = *reinterpret_cast<uint32_t*>(&p);
+        half2 pr = __floats2half2_rn(v[8 * j + i] * up, v[8 * j + 4 + i] * up);
+        h[i] = *reinterpret_cast<uint32_t*>(&pr);
       }
       pairs[(m * 4 + j) * s.chunks + u] = slot;
     }
@@ -316,7 +431,7 @@ __global__ void __launch_bounds__(kThreads)
     int4_gemv_kernel(const T* __restrict__ x, const int* __restrict__ perm,
                      const uint4* __restrict__ w, const T* __restrict__ scales,
                      const T* __restrict__ zeros, const T* __restrict__ bias, T* __restrict__ y,
-                     Shape s, bool x_aligned) {
+                     Shape s, Prologue<T> p, bool x_aligned) {
   extern __shared__ uint4 smem[];
   uint4* pairs = smem;                                           // [M][4][chunks]
   float* inv = reinterpret_cast<float*>(smem + M * 4 * s.chunks);  // [M][chunks]
@@ -331,7 +446,13 @@ __global__ void __launch_bounds__(kThreads)
     advance(s, tile, b, d, far_tile, far_b);
     prefetch_batch<R, U>(w, s, far_tile, far_b);
   }
-  stage_x<T, M>(x, perm, s, x_aligned, pairs, inv);
+#if __CUDA_ARCH__ >= 900
+  // No-ops unless launched as a programmatic dependent: let the next kernel launch, then wait
+  // for the one before (its writes visible) before x is read or anything written.
+  asm volatile("griddepcontrol.launch_dependents;");
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+  stage_x<T, M>(x, perm, s, p, x_aligned, pairs, inv);
   __syncthreads();
 
   float acc[R][M];
@@ -358,23 +479,34 @@ int log2_exact(int v) {
   return e;
 }
 
+// What a call passes besides x, the weights and y.
+template <typename T>
+struct Options {
+  const int* perm = nullptr;
+  const T* bias = nullptr;
+  Prologue<T> prologue;
+  int group_size = 0, blocks_per_sm = 2, prefetch = 0;
+  bool pdl = false;
+};
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
 template <typename T, int M, int R, int U>
 void launch(const torch::Tensor& x, const torch::Tensor& w_q, const torch::Tensor& scales,
-            const torch::Tensor& zeros, const int* perm, const T* bias, torch::Tensor& y,
-            int group_size, int blocks_per_sm, int prefetch) {
+            const torch::Tensor& zeros, torch::Tensor& y, const Options<T>& o) {
   Shape s;
-  s.prefetch = prefetch;
+  s.prefetch = o.prefetch;
   s.N = w_q.size(0);
-  s.K = x.size(1);
+  s.K = w_q.size(1) * 8;
   s.G = scales.size(1);
   s.chunks = s.K / kChunk;
-  s.group_chunks = min(group_size, s.K) / kChunk;
+  s.group_chunks = min(o.group_size, s.K) / kChunk;
   s.group_shift = log2_exact(s.group_chunks);
   const int lane_chunks = (s.chunks + 31) / 32;
   s.lane_batches = (lane_chunks + U - 1) / U;
   s.tiles = (s.N + kWarps * R - 1) / (kWarps * R);
   s.stride_xm = x.stride(0);
-  const int grid = min(s.tiles, device_attribute(cudaDevAttrMultiProcessorCount) * blocks_per_sm);
+  const int grid = min(s.tiles, device_attribute(cudaDevAttrMultiProcessorCount) * o.blocks_per_sm);
   const size_t smem = static_cast<size_t>(M) * s.chunks * (4 * sizeof(uint4) + sizeof(float));
   auto kernel = int4_gemv_kernel<T, M, R, U>;
   if (smem > 48 * 1024) {
@@ -384,25 +516,35 @@ void launch(const torch::Tensor& x, const torch::Tensor& w_q, const torch::Tenso
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(smem)));
   }
-  const bool aligned = reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 && s.stride_xm % 8 == 0;
-  kernel<<<grid, kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
-      reinterpret_cast<const T*>(x.data_ptr()), perm,
+  // 16-byte loads of x (and of residual and the norm's weight) where every row start allows.
+  const Prologue<T>& p = o.prologue;
+  const bool aligned = aligned16(x.data_ptr()) && s.stride_xm % 8 == 0 &&
+                       (p.residual == nullptr || aligned16(p.residual)) &&
+                       (p.weight == nullptr || aligned16(p.weight));
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(grid);
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = smem;
+  config.stream = c10::cuda::getCurrentCUDAStream();
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attribute;
+  config.numAttrs = o.pdl ? 1 : 0;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(
+      &config, kernel, reinterpret_cast<const T*>(x.data_ptr()), o.perm,
       reinterpret_cast<const uint4*>(w_q.data_ptr()), reinterpret_cast<const T*>(scales.data_ptr()),
-      reinterpret_cast<const T*>(zeros.data_ptr()), bias, reinterpret_cast<T*>(y.data_ptr()), s,
-      aligned);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+      reinterpret_cast<const T*>(zeros.data_ptr()), o.bias, reinterpret_cast<T*>(y.data_ptr()), s,
+      p, aligned));
 }
 
 // The (rows per warp, loads per lane) pairs built for each number of rows of x.
 template <typename T, int M>
 void dispatch_tiles(int R, int U, const torch::Tensor& x, const torch::Tensor& w_q,
-                    const torch::Tensor& scales, const torch::Tensor& zeros, const int* perm,
-                    const T* bias, torch::Tensor& y, int group_size, int blocks_per_sm,
-                    int prefetch) {
-#define LOOM_TILE(r, u)                                                                     \
-  if (R == r && U == u)                                                                     \
-    return launch<T, M, r, u>(x, w_q, scales, zeros, perm, bias, y, group_size, blocks_per_sm, \
-                              prefetch);
+                    const torch::Tensor& scales, const torch::Tensor& zeros, torch::Tensor& y,
+                    const Options<T>& o) {
+#define LOOM_TILE(r, u) \
+  if (R == r && U == u) return launch<T, M, r, u>(x, w_q, scales, zeros, y, o);
   LOOM_TILE(1, 4)
   LOOM_TILE(2, 4)
   if constexpr (M == 1) {
@@ -421,69 +563,116 @@ void dispatch_tiles(int R, int U, const torch::Tensor& x, const torch::Tensor& w
 
 template <typename T>
 void dispatch_rows(int R, int U, const torch::Tensor& x, const torch::Tensor& w_q,
-                   const torch::Tensor& scales, const torch::Tensor& zeros, const int* perm,
-                   const T* bias, torch::Tensor& y, int group_size, int blocks_per_sm,
-                   int prefetch) {
+                   const torch::Tensor& scales, const torch::Tensor& zeros, torch::Tensor& y,
+                   const Options<T>& o) {
   switch (x.size(0)) {
-    case 1: return dispatch_tiles<T, 1>(R, U, x, w_q, scales, zeros, perm, bias, y, group_size, blocks_per_sm, prefetch);
-    case 2: return dispatch_tiles<T, 2>(R, U, x, w_q, scales, zeros, perm, bias, y, group_size, blocks_per_sm, prefetch);
-    case 3: return dispatch_tiles<T, 3>(R, U, x, w_q, scales, zeros, perm, bias, y, group_size, blocks_per_sm, prefetch);
-    case 4: return dispatch_tiles<T, 4>(R, U, x, w_q, scales, zeros, perm, bias, y, group_size, blocks_per_sm, prefetch);
+    case 1: return dispatch_tiles<T, 1>(R, U, x, w_q, scales, zeros, y, o);
+    case 2: return dispatch_tiles<T, 2>(R, U, x, w_q, scales, zeros, y, o);
+    case 3: return dispatch_tiles<T, 3>(R, U, x, w_q, scales, zeros, y, o);
+    case 4: return dispatch_tiles<T, 4>(R, U, x, w_q, scales, zeros, y, o);
   }
   TORCH_CHECK(false, "wna16_int4_gemv takes 1 to 4 rows of x, got ", x.size(0));
 }
 
+template <typename T>
+const T* data_or_null(const std::optional<torch::Tensor>& t) {
+  return t ? reinterpret_cast<const T*>(t->data_ptr()) : nullptr;
+}
+
+template <typename T>
+void run(int R, int U, const torch::Tensor& x, const torch::Tensor& w_q,
+         const torch::Tensor& scales, const torch::Tensor& zeros, torch::Tensor& y,
+         const std::optional<torch::Tensor>& perm, const std::optional<torch::Tensor>& bias,
+         int64_t prologue, const std::optional<torch::Tensor>& residual,
+         const std::optional<torch::Tensor>& residual_out,
+         const std::optional<torch::Tensor>& norm_weight, double eps, int64_t group_size,
+         int64_t blocks_per_sm, int64_t prefetch_steps, bool pdl) {
+  Options<T> o;
+  o.perm = perm ? perm->data_ptr<int>() : nullptr;
+  o.bias = data_or_null<T>(bias);
+  o.prologue.kind = static_cast<int>(prologue);
+  o.prologue.residual = data_or_null<T>(residual);
+  o.prologue.residual_out = residual_out ? reinterpret_cast<T*>(residual_out->data_ptr()) : nullptr;
+  o.prologue.weight = data_or_null<T>(norm_weight);
+  o.prologue.eps = static_cast<float>(eps);
+  o.group_size = group_size;
+  o.blocks_per_sm = blocks_per_sm;
+  o.prefetch = prefetch_steps;
+  o.pdl = pdl;
+  dispatch_rows<T>(R, U, x, w_q, scales, zeros, y, o);
+}
+
 }  // namespace
 
+// The Python wrapper checks every operand first (see the file header); these are a last guard.
 torch::Tensor wna16_int4_gemv(torch::Tensor x, torch::Tensor w_q, torch::Tensor scales,
                               torch::Tensor zeros, std::optional<torch::Tensor> perm,
                               std::optional<torch::Tensor> bias, int64_t group_size,
                               int64_t rows_per_warp, int64_t loads_per_lane,
-                              int64_t blocks_per_sm, int64_t prefetch_steps) {
+                              int64_t blocks_per_sm, int64_t prefetch_steps, int64_t prologue,
+                              std::optional<torch::Tensor> residual,
+                              std::optional<torch::Tensor> residual_out,
+                              std::optional<torch::Tensor> norm_weight, double eps, bool pdl) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.stride(1) == 1,
               "wna16_int4_gemv: x must be a 2-D CUDA tensor with contiguous rows");
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
-              "wna16_int4_gemv: x must be float16 or bfloat16, got ", x.scalar_type());
-  const int64_t K = x.size(1), N = w_q.size(0);
-  TORCH_CHECK(w_q.scalar_type() == at::kInt && w_q.is_contiguous() && w_q.size(1) * 8 == K,
-              "wna16_int4_gemv: w_q must be contiguous int32 [N, K/8] = [", N, ", ", K / 8, "]");
-  TORCH_CHECK(K % kChunk == 0, "wna16_int4_gemv: K = ", K, " is not a multiple of ", kChunk);
+              "wna16_int4_gemv: x must be float16 or bfloat16");
+  TORCH_CHECK(prologue >= kPlain && prologue <= kSiluAndMul, "wna16_int4_gemv: bad prologue");
+  const int64_t N = w_q.size(0), K = w_q.size(1) * 8;
+  TORCH_CHECK(w_q.scalar_type() == at::kInt && w_q.is_contiguous(),
+              "wna16_int4_gemv: w_q must be contiguous int32 [N, K/8]");
+  TORCH_CHECK(x.size(1) == (prologue == kSiluAndMul ? 2 * K : K),
+              "wna16_int4_gemv: x has the wrong number of columns");
+  TORCH_CHECK(K % kChunk == 0, "wna16_int4_gemv: K is not a multiple of 32");
   TORCH_CHECK(group_size >= K || (group_size > 0 && group_size % kChunk == 0),
-              "wna16_int4_gemv: group size ", group_size, " is not a multiple of ", kChunk);
+              "wna16_int4_gemv: the group size is not a multiple of 32");
   const int64_t G = group_size >= K ? 1 : K / group_size;
   for (const auto* t : {&scales, &zeros}) {
     TORCH_CHECK(t->scalar_type() == x.scalar_type() && t->is_contiguous() && t->size(0) == N &&
                     t->size(1) == G,
-                "wna16_int4_gemv: scales and zeros must be contiguous [", N, ", ", G, "] in x's dtype");
+                "wna16_int4_gemv: scales and zeros must be contiguous [N, G] in x's dtype");
   }
-  const int* perm_ptr = nullptr;
   if (perm) {
     TORCH_CHECK(perm->scalar_type() == at::kInt && perm->numel() == K && perm->is_contiguous(),
-                "wna16_int4_gemv: perm must be contiguous int32 [", K, "]");
-    perm_ptr = perm->data_ptr<int>();
+                "wna16_int4_gemv: perm must be contiguous int32 [K]");
   }
-  if (bias) {
-    TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->numel() == N && bias->is_contiguous(),
-                "wna16_int4_gemv: bias must be contiguous [", N, "] in x's dtype");
+  for (const auto* t : {&bias, &norm_weight}) {
+    TORCH_CHECK(!*t || ((*t)->scalar_type() == x.scalar_type() && (*t)->is_contiguous()),
+                "wna16_int4_gemv: bias and norm_weight must be contiguous in x's dtype");
+  }
+  TORCH_CHECK(!bias || bias->numel() == N, "wna16_int4_gemv: bias must have N elements");
+  TORCH_CHECK(prologue != kRmsNorm || (norm_weight && norm_weight->numel() == K),
+              "wna16_int4_gemv: rms_norm needs norm_weight [K]");
+  TORCH_CHECK(residual.has_value() == residual_out.has_value(),
+              "wna16_int4_gemv: residual and residual_out come together");
+  for (const auto* t : {&residual, &residual_out}) {
+    TORCH_CHECK(!*t || (prologue == kRmsNorm && (*t)->scalar_type() == x.scalar_type() &&
+                        (*t)->is_contiguous() && (*t)->numel() == x.size(0) * K),
+                "wna16_int4_gemv: residual and residual_out must be contiguous [M, K] in x's "
+                "dtype, with rms_norm");
   }
   const c10::cuda::CUDAGuard guard(x.device());
   auto y = torch::empty({x.size(0), N}, x.options());
-  const int R = rows_per_warp, U = loads_per_lane, bps = blocks_per_sm, pf = prefetch_steps;
+  const int R = rows_per_warp, U = loads_per_lane;
   if (x.scalar_type() == at::kHalf) {
-    const __half* b = bias ? reinterpret_cast<const __half*>(bias->data_ptr()) : nullptr;
-    dispatch_rows<__half>(R, U, x, w_q, scales, zeros, perm_ptr, b, y, group_size, bps, pf);
+    run<__half>(R, U, x, w_q, scales, zeros, y, perm, bias, prologue, residual, residual_out,
+                norm_weight, eps, group_size, blocks_per_sm, prefetch_steps, pdl);
   } else {
-    const __nv_bfloat16* b = bias ? reinterpret_cast<const __nv_bfloat16*>(bias->data_ptr()) : nullptr;
-    dispatch_rows<__nv_bfloat16>(R, U, x, w_q, scales, zeros, perm_ptr, b, y, group_size, bps, pf);
+    run<__nv_bfloat16>(R, U, x, w_q, scales, zeros, y, perm, bias, prologue, residual,
+                       residual_out, norm_weight, eps, group_size, blocks_per_sm, prefetch_steps,
+                       pdl);
   }
   return y;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("wna16_int4_gemv", &wna16_int4_gemv,
-        "y = x @ W^T (+ bias) for 1-4 rows of bf16/fp16 x and int4 W [N, K/8] (see the file header)",
+        "y = x @ W^T (+ bias) for 1-4 rows of bf16/fp16 x and int4 W [N, K/8], the op before "
+        "fused (see the file header)",
         py::arg("x"), py::arg("w_q"), py::arg("scales"), py::arg("zeros"), py::arg("perm"),
         py::arg("bias"), py::arg("group_size"), py::arg("rows_per_warp") = 2,
         py::arg("loads_per_lane") = 4, py::arg("blocks_per_sm") = 2,
-        py::arg("prefetch_steps") = 2);
+        py::arg("prefetch_steps") = 0, py::arg("prologue") = 0,
+        py::arg("residual") = py::none(), py::arg("residual_out") = py::none(),
+        py::arg("norm_weight") = py::none(), py::arg("eps") = 1e-6, py::arg("pdl") = false);
 }

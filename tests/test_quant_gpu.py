@@ -29,3 +29,16 @@ def test_activation_quantized_on_gpu(name, reference):  # noqa: F811
 def test_bfloat16_on_gpu(name, reference):  # noqa: F811
     completions = generate(FIXTURES / name, platform="cuda", dtype="bfloat16")
     assert max(logprob_gaps(completions, reference(name))) < 0.5
+
+
+def test_fused_input_on_gpu_matches_the_unfused_path(monkeypatch):
+    """bf16 decode rows through the native int4 GEMV with the norms and SiLU-and-mul applied by
+    it, graphs on: the log-probs of the same model with those ops run by the model."""
+    fixture = FIXTURES / "gptq_w4g32_sym_descact"
+    fused = generate(fixture, platform="cuda", dtype="bfloat16")
+    monkeypatch.setenv("LOOM_NATIVE_FUSED_INPUT", "0")
+    plain = generate(fixture, platform="cuda", dtype="bfloat16")
+    gaps = [abs(a - b) for f, p in zip(fused, plain) for a, b in zip(f[2], p[2])
+            if f[1] == p[1]]
+    assert gaps and max(gaps) < 0.1
+    assert sum(f[1] == p[1] for f, p in zip(fused, plain)) >= 2

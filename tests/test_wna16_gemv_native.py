@@ -13,6 +13,7 @@ import loom.csrc
 from loom.plugins.quant.native import wna16_gemv as native
 from loom.plugins.quant.schemes.wna16 import dequantize
 from loom.plugins.quant.triton.wna16_gemv import wna16_gemv
+from loom.quant import FusedInput
 
 CUDA = torch.cuda.is_available() and torch.version.hip is None
 gpu = pytest.mark.gpu
@@ -94,6 +95,111 @@ def test_zero_and_mixed_chunks(gen):
     ref = x.float() @ dequantize(w_q, scales.float(), zeros.float(), None, 4, 128).t()
     out = native.int4_gemv(x.cuda(), w_q.cuda(), scales.cuda(), zeros.cuda(), None, 128)
     assert ((out.float().cpu() - ref).norm() / ref.norm()).item() < 5e-3
+
+
+def fused_operands(op, m, k, dtype, gen, with_residual):
+    """Two identical FusedInputs on the GPU (one for the kernel, one for the reference)."""
+    def cuda(t):
+        return None if t is None else t.cuda()
+    if op == "silu_and_mul":
+        gate_up = cuda((torch.randn(m, 2 * k, generator=gen) * 2).to(dtype))
+        return FusedInput(op, gate_up), FusedInput(op, gate_up)
+    x = cuda((torch.randn(m, k, generator=gen) * 3).to(dtype))
+    weight = cuda((torch.rand(k, generator=gen) + 0.5).to(dtype))
+    residual = cuda(torch.randn(m, k, generator=gen).to(dtype)) if with_residual else None
+
+    def out():
+        return None if residual is None else torch.full_like(residual, float("nan"))
+    return (FusedInput(op, x, weight, 1e-5, residual, out()),
+            FusedInput(op, x, weight, 1e-5, residual, out()))
+
+
+def check_fused(op, m, n, k, group_size, dtype, gen, with_residual=False, with_perm=False,
+                config=None):
+    """The kernel's op + GEMV against the reference ops (FusedInput.evaluate, in x's dtype)
+    followed by the float32 dequantized matmul; the residual sum bit-equal."""
+    (_, w_q, scales, zeros, perm, bias), _ = operands(m, n, k, 4, group_size, False, with_perm,
+                                                      True, dtype, gen)
+    fused, twin = fused_operands(op, m, k, dtype, gen, with_residual)
+    staged = twin.evaluate().float().cpu()
+    xs = staged if perm is None else staged[:, perm.long()]
+    ref = xs @ dequantize(w_q, scales.float(), zeros.float(), None, 4, group_size).t() + bias.float()
+    on = [None if t is None else t.cuda() for t in (w_q, scales, zeros, perm, bias)]
+    assert native.applies(fused.x, on[0], on[1], 4, group_size, None, op)
+    out = native.int4_gemv(fused, *on[:4], group_size, on[4], config=config)
+    error = ((out.float().cpu() - ref).norm() / ref.norm()).item()
+    assert error < TOLERANCE[dtype], (op, error, SEED)
+    if with_residual:
+        assert torch.equal(fused.residual_out, twin.residual_out), SEED
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+@pytest.mark.parametrize("op,with_residual,with_perm", [
+    ("rms_norm", False, False), ("rms_norm", True, False), ("rms_norm", True, True),
+    ("silu_and_mul", False, False), ("silu_and_mul", False, True)])
+def test_fused_input_against_reference(dtype, m, op, with_residual, with_perm, gen):
+    check_fused(op, m, 333, 1024, 128, dtype, gen, with_residual, with_perm)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("op,n,k,group_size", [
+    ("rms_norm", 6144, 4096, 128), ("rms_norm", 28672, 4096, 128),
+    ("silu_and_mul", 4096, 14336, 128), ("rms_norm", 7, 96, 32), ("silu_and_mul", 130, 160, 32)])
+def test_fused_input_shapes(op, n, k, group_size, gen):
+    """The Llama-3-8B qkv, gate_up and down shapes; and grids of a few blocks, where each block
+    writes several chunks of the residual sum."""
+    for m in (1, 4):
+        check_fused(op, m, n, k, group_size, torch.bfloat16, gen, with_residual=True)
+
+
+@gpu
+@needs_cuda
+def test_programmatic_launches_in_a_graph(monkeypatch, gen):
+    """Three GEMVs in a chain, each taking the one before's output through its fused op (norm +
+    residual, SiLU-and-mul, norm + the first's residual sum), captured in a CUDA graph with
+    programmatic (PDL) launches and replayed on new inputs: bit-equal to plain launches. A kernel
+    that read its input before the one before it finished would read the last replay's."""
+    k, inter = 512, 1024
+    layers = []
+    for n, kk in ((2 * inter, k), (k, inter), (k, k)):
+        (_, w_q, scales, zeros, _, _), _ = operands(1, n, kk, 4, 128, False, False, False,
+                                                    torch.bfloat16, gen)
+        layers.append([t.cuda() for t in (w_q, scales, zeros)])
+    norm_w = (torch.rand(k, generator=gen) + 0.5).to(torch.bfloat16).cuda()
+    x = torch.empty(1, k, dtype=torch.bfloat16, device="cuda")
+    residual = torch.empty_like(x)
+
+    def chain():
+        sum1, sum2 = torch.empty_like(x), torch.empty_like(x)
+        h = native.int4_gemv(FusedInput("rms_norm", x, norm_w, 1e-5, residual, sum1),
+                             *layers[0], None, 128)
+        y = native.int4_gemv(FusedInput("silu_and_mul", h), *layers[1], None, 128)
+        z = native.int4_gemv(FusedInput("rms_norm", y, norm_w, 1e-5, sum1, sum2), *layers[2],
+                             None, 128)
+        return torch.cat([z, sum2], dim=1)
+
+    def new_inputs():
+        x.copy_(torch.randn(1, k, generator=gen).to(torch.bfloat16))
+        residual.copy_(torch.randn(1, k, generator=gen).to(torch.bfloat16))
+
+    assert native.pdl(x.device) == (torch.cuda.get_device_capability() >= (9, 0))
+    new_inputs()
+    chain()                                                         # warm up outside capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = chain()
+    for _ in range(3):
+        new_inputs()
+        graph.replay()
+        monkeypatch.setenv("LOOM_NATIVE_PDL", "0")
+        plain = chain()
+        monkeypatch.delenv("LOOM_NATIVE_PDL")
+        torch.cuda.synchronize()
+        assert torch.equal(captured, plain), SEED
 
 
 def test_refuses_bad_operands(gen):

@@ -17,7 +17,7 @@ from torch import nn
 
 from loom import checkpoint, ops
 from loom.distributed.group import TensorParallelGroup, current_group
-from loom.quant import QuantMethod
+from loom.quant import FusedInput, QuantMethod
 
 
 class RMSNorm(nn.Module):
@@ -38,6 +38,19 @@ class RMSNorm(nn.Module):
         if residual is None:
             return fused.rms_norm(x, self.weight, self.eps)
         return fused.add_rms_norm(x, residual, self.weight, self.eps)
+
+    def before(self, linear: "Linear", x: torch.Tensor, residual: torch.Tensor | None):
+        """(this norm of x (+ residual) as ``linear``'s input, x + residual or x): a FusedInput
+        where the linear's kernel applies the norm itself (the sum lands in a new buffer when
+        the linear runs), quantized where its method asks (input_quant), else the plain norm."""
+        if linear.fuses_input("rms_norm", x):
+            total = None if residual is None else torch.empty_like(x)
+            return FusedInput("rms_norm", x, self.weight, self.eps, residual, total), (
+                x if residual is None else total)
+        quant = linear.input_quant()
+        if residual is None:
+            return self(x, quant=quant), x
+        return self(x, residual, quant=quant)
 
 
 class RotaryEmbedding(nn.Module):
@@ -88,6 +101,13 @@ class SiluAndMul(nn.Module):
         if quant is not None:
             return ops.active().silu_and_mul_quant(x, quant)
         return ops.active().silu_and_mul(x)
+
+    def before(self, linear: "Linear", x: torch.Tensor):
+        """silu-and-mul of x as ``linear``'s input: a FusedInput where the linear's kernel
+        applies it itself, quantized where its method asks, else the plain op."""
+        if linear.fuses_input("silu_and_mul", x):
+            return FusedInput("silu_and_mul", x)
+        return self(x, linear.input_quant())
 
 
 class VocabEmbedding(nn.Module):
@@ -227,6 +247,10 @@ class Linear(nn.Module):
         """The fp8 dtype the op before this layer should quantize its output to (per token), or
         None (see QuantMethod.input_quant)."""
         return self.quant_method.input_quant(self)
+
+    def fuses_input(self, op: str, x: torch.Tensor) -> bool:
+        """Whether this layer's kernel applies ``op`` to x itself (see QuantMethod.fuses_input)."""
+        return self.quant_method.fuses_input(self, op, x)
 
 
 class ColumnParallelLinear(Linear):

@@ -54,7 +54,7 @@ class LlamaAttention(nn.Module):
         self.rotary_emb = rotary_emb
         self.attn = attn_backend
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, kv_cache: torch.Tensor,
+    def forward(self, positions: torch.Tensor, hidden, kv_cache: torch.Tensor,
                 attn_metadata) -> torch.Tensor:
         q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
@@ -79,8 +79,8 @@ class LlamaMLP(nn.Module):
                                            f"{prefix}.down_proj")
         self.act_fn = SiluAndMul()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_up_proj(x), self.down_proj.input_quant()))
+    def forward(self, x) -> torch.Tensor:
+        return self.down_proj(self.act_fn.before(self.down_proj, self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -94,15 +94,12 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, positions, hidden, residual, kv_cache, attn_metadata):
-        # An FP8 qkv / gate_up (per-token activations) takes its input quantized by the norm.
-        quant = self.self_attn.qkv_proj.input_quant()
-        if residual is None:
-            hidden, residual = self.input_layernorm(hidden, quant=quant), hidden
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual, quant=quant)
+        # Each norm feeds its linear as that linear asks: applied by its kernel (an int4 GEMV),
+        # quantized per token (FP8), or plain.
+        hidden, residual = self.input_layernorm.before(self.self_attn.qkv_proj, hidden, residual)
         hidden = self.self_attn(positions, hidden, kv_cache, attn_metadata)
-        hidden, residual = self.post_attention_layernorm(
-            hidden, residual, quant=self.mlp.gate_up_proj.input_quant())
+        hidden, residual = self.post_attention_layernorm.before(self.mlp.gate_up_proj, hidden,
+                                                                residual)
         return self.mlp(hidden), residual
 
 

@@ -4,6 +4,12 @@ layout of ``schemes/wna16.py``; its twin is the Triton GEMV (triton/wna16_gemv.p
 ``int4_gemv`` runs it when ``applies`` says it takes the call; the first call builds it (about a
 minute, then cached on disk). Where it cannot be built, one warning says why and ``applies``
 answers False from then on, so the Triton GEMV runs. ``LOOM_NATIVE_KERNELS=0`` turns it off.
+
+x may come as a FusedInput (loom.quant): the norm (with the residual add) or SiLU-and-mul before
+the linear, applied by the kernel as it stages x. On sm_90+ the kernel is launched as a
+programmatic dependent (PDL), overlapping its first weight loads with the kernel before it.
+``LOOM_NATIVE_FUSED_INPUT=0`` declines FusedInputs (the model runs the ops itself) and
+``LOOM_NATIVE_PDL=0`` launches plainly: both for measuring what each brings.
 """
 from __future__ import annotations
 
@@ -15,12 +21,14 @@ from dataclasses import dataclass
 import torch
 
 from loom.plugins.quant.triton.split_k import num_sms
+from loom.quant import FusedInput
 
 logger = logging.getLogger("loom")
 
 MAX_M = 4
 CHUNK = 32        # inputs per 16-byte load of W
 DTYPES = (torch.bfloat16, torch.float16)
+PROLOGUES = {"rms_norm": 1, "silu_and_mul": 2}      # the kernel's codes (0: plain x)
 
 
 BUILT = {1: {(1, 4), (2, 4), (1, 2), (1, 8), (2, 2), (2, 8), (4, 2), (4, 4)},
@@ -66,10 +74,11 @@ def _last_round_waste(n: int, cfg: NativeGemvConfig, sms: int) -> float:
 
 
 def check_operands(x, w_q, scales, zeros, perm, bias, group_size: int,
-                   cfg: NativeGemvConfig) -> None:
+                   cfg: NativeGemvConfig, fused: FusedInput | None = None) -> None:
     """ValueError naming what the kernel cannot take (checked here, before the extension)."""
-    m, k = x.shape
-    n, g = w_q.shape[0], (1 if group_size >= k else k // group_size)
+    m = x.shape[0]
+    n, k = w_q.shape[0], w_q.shape[1] * 8
+    g = 1 if group_size >= k else k // group_size
     if (cfg.rows_per_warp, cfg.loads_per_lane) not in BUILT.get(m, ()):
         raise ValueError(f"int4_gemv: no kernel built for rows_per_warp {cfg.rows_per_warp}, "
                          f"loads_per_lane {cfg.loads_per_lane} at {m} rows of x; built: "
@@ -77,6 +86,11 @@ def check_operands(x, w_q, scales, zeros, perm, bias, group_size: int,
     if cfg.blocks_per_sm < 1 or cfg.prefetch_steps < 0:
         raise ValueError(f"int4_gemv: blocks_per_sm must be >= 1 and prefetch_steps >= 0, got "
                          f"{cfg.blocks_per_sm}, {cfg.prefetch_steps}")
+    columns = 2 * k if fused is not None and fused.op == "silu_and_mul" else k
+    if x.shape[1] != columns:
+        raise ValueError(f"int4_gemv: x must have {columns} columns for w_q {tuple(w_q.shape)}"
+                         f"{' (silu_and_mul: gate|up)' if columns != k else ''}, got "
+                         f"{x.shape[1]}")
     for name, t in (("scales", scales), ("zeros", zeros)):
         if t.dtype != x.dtype or tuple(t.shape) != (n, g) or not t.is_contiguous():
             raise ValueError(f"int4_gemv: {name} must be contiguous [{n}, {g}] in {x.dtype}, "
@@ -87,6 +101,25 @@ def check_operands(x, w_q, scales, zeros, perm, bias, group_size: int,
     if bias is not None and (bias.dtype != x.dtype or bias.numel() != n):
         raise ValueError(f"int4_gemv: bias must be [{n}] in {x.dtype}, got "
                          f"{tuple(bias.shape)} {bias.dtype}")
+    if fused is not None and fused.op == "rms_norm":
+        _check_norm_operands(fused, x, m, k)
+
+
+def _check_norm_operands(fused: FusedInput, x: torch.Tensor, m: int, k: int) -> None:
+    w = fused.weight
+    if w is None or w.dtype != x.dtype or w.numel() != k or not w.is_contiguous():
+        raise ValueError(f"int4_gemv: the norm's weight must be contiguous [{k}] in {x.dtype}, "
+                         f"got {None if w is None else (tuple(w.shape), w.dtype)}")
+    for name in ("residual", "residual_out"):
+        t = getattr(fused, name)
+        if t is not None and (t.dtype != x.dtype or tuple(t.shape) != (m, k)
+                              or not t.is_contiguous()):
+            raise ValueError(f"int4_gemv: {name} must be contiguous [{m}, {k}] in {x.dtype}, "
+                             f"got {tuple(t.shape)} {t.dtype}")
+    out = fused.residual_out
+    if out is not None and any(out.data_ptr() == t.data_ptr() for t in (x, fused.residual)):
+        raise ValueError("int4_gemv: residual_out must be a buffer of its own (every block "
+                         "reads x and residual while the sum is written)")
 
 
 def shared_memory_bytes(m: int, k: int) -> int:
@@ -99,8 +132,12 @@ def _shared_memory_limit(device: int) -> int:
     return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
 
 
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "1") != "0"
+
+
 def enabled() -> bool:
-    return os.environ.get("LOOM_NATIVE_KERNELS", "1") != "0"
+    return _flag("LOOM_NATIVE_KERNELS")
 
 
 @functools.cache
@@ -121,29 +158,50 @@ def warm_up() -> None:
         _module()
 
 
+@functools.cache
+def _pdl_supported(device: int) -> bool:
+    return torch.cuda.get_device_capability(device) >= (9, 0)
+
+
+def pdl(device: torch.device) -> bool:
+    """Whether to launch as a programmatic dependent: sm_90+ unless LOOM_NATIVE_PDL=0."""
+    return _flag("LOOM_NATIVE_PDL") and _pdl_supported(device.index or 0)
+
+
 def applies(x: torch.Tensor, w_q: torch.Tensor, scales: torch.Tensor, bits: int,
-            group_size: int, g_idx: torch.Tensor | None) -> bool:
-    """Whether the native GEMV takes x @ W^T: int4, 1-4 rows of bf16/fp16 CUDA x with scales in
-    its dtype, K a multiple of 32, groups of whole 32-input chunks (or one per row), no g_idx (a
+            group_size: int, g_idx: torch.Tensor | None, op: str | None = None) -> bool:
+    """Whether the native GEMV takes x @ W^T, with ``op`` (FusedInput.op) applied to x first:
+    int4, 1-4 rows of bf16/fp16 CUDA x with scales in its dtype, K a multiple of 32 (x [M, K];
+    [M, 2K] for silu_and_mul), groups of whole 32-input chunks (or one per row), no g_idx (a
     perm is fine); and it built."""
-    k = x.shape[-1]
+    k = w_q.shape[1] * 8
+    columns = 2 * k if op == "silu_and_mul" else k
     return (bits == 4 and x.is_cuda and torch.version.hip is None and x.dim() == 2
             and 1 <= x.shape[0] <= MAX_M and x.dtype in DTYPES and x.stride(1) == 1
             and scales.dtype == x.dtype
-            and k % CHUNK == 0 and w_q.shape[1] * 8 == k and g_idx is None
+            and (op is None or (op in PROLOGUES and _flag("LOOM_NATIVE_FUSED_INPUT")))
+            and k % CHUNK == 0 and x.shape[1] == columns and g_idx is None
             and (group_size >= k or group_size % CHUNK == 0) and enabled()
             and _module() is not None
             and shared_memory_bytes(x.shape[0], k) <= _shared_memory_limit(x.device.index or 0))
 
 
-def int4_gemv(x: torch.Tensor, w_q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-              perm: torch.Tensor | None, group_size: int, bias: torch.Tensor | None = None,
-              config: NativeGemvConfig | None = None) -> torch.Tensor:
-    """x [M, K] @ W^T (+ bias) -> [M, N] in x's dtype (``applies`` must hold)."""
-    cfg = config or default_config(w_q.shape[0], x.shape[1], x.shape[0], num_sms(x.device))
+def int4_gemv(x: torch.Tensor | FusedInput, w_q: torch.Tensor, scales: torch.Tensor,
+              zeros: torch.Tensor, perm: torch.Tensor | None, group_size: int,
+              bias: torch.Tensor | None = None, config: NativeGemvConfig | None = None
+              ) -> torch.Tensor:
+    """x [M, K] @ W^T (+ bias) -> [M, N] in x's dtype (``applies`` must hold); x may be a
+    FusedInput, whose op the kernel applies first (filling its residual_out)."""
+    fused = x if isinstance(x, FusedInput) else None
+    if fused is not None:
+        x = fused.x
+    cfg = config or default_config(w_q.shape[0], w_q.shape[1] * 8, x.shape[0], num_sms(x.device))
     if not 1 <= x.shape[0] <= MAX_M:
         raise ValueError(f"int4_gemv takes 1 to {MAX_M} rows of x, got {x.shape[0]}")
-    check_operands(x, w_q, scales, zeros, perm, bias, group_size, cfg)
-    return _module().wna16_int4_gemv(x, w_q, scales, zeros, perm, bias, group_size,
-                                      cfg.rows_per_warp, cfg.loads_per_lane, cfg.blocks_per_sm,
-                                      cfg.prefetch_steps)
+    check_operands(x, w_q, scales, zeros, perm, bias, group_size, cfg, fused)
+    norm = fused is not None and fused.op == "rms_norm"
+    return _module().wna16_int4_gemv(
+        x, w_q, scales, zeros, perm, bias, group_size, cfg.rows_per_warp, cfg.loads_per_lane,
+        cfg.blocks_per_sm, cfg.prefetch_steps, PROLOGUES[fused.op] if fused else 0,
+        fused.residual if norm else None, fused.residual_out if norm else None,
+        fused.weight if norm else None, float(fused.eps) if norm else 0.0, pdl(x.device))

@@ -26,6 +26,7 @@ import functools
 import torch
 
 from loom.plugins.quant.schemes.base import Scheme
+from loom.quant import FusedInput
 
 AWQ_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)   # column c of 8 sits in nibble AWQ_ORDER[c]
 AWQ_NIBBLES = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i holds column AWQ_NIBBLES[i]
@@ -196,7 +197,22 @@ class WNA16Scheme(Scheme):
             return w
         return torch.empty_like(w).index_copy_(1, layer.w_perm.long(), w)
 
+    def fuses_input(self, layer, op, x):
+        """The native int4 GEMV applies the norm / SiLU-and-mul itself (1-4 rows on CUDA)."""
+        if not x.is_cuda or x.dim() != 2:
+            return False
+        native, _, _ = _kernels()
+        return native.applies(x, layer.w_q, layer.w_scales, self.bits, layer.group_size,
+                              layer.w_g_idx, op)
+
     def apply(self, layer, x, bias):
+        if isinstance(x, FusedInput):
+            native, _, _ = _kernels()
+            if native.applies(x.x, layer.w_q, layer.w_scales, self.bits, layer.group_size,
+                              layer.w_g_idx, x.op):
+                return native.int4_gemv(x, layer.w_q, layer.w_scales, layer.w_zeros,
+                                        layer.w_perm, layer.group_size, bias)
+            x = x.evaluate()
         x2 = x.reshape(-1, x.shape[-1])
         if x.is_cuda or self.kernels_on_cpu:
             y = self.triton_matmul(layer, x2, bias)
