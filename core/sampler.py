@@ -109,16 +109,31 @@ class Sampler:
         """Sample on the device; nothing here waits for the device."""
         assert logits.dim() == 2 and logits.size(0) == len(rows)
         if all(row.is_plain_greedy for row in rows):
-            return SamplerOutput(logits.argmax(dim=-1))
+            return SamplerOutput(argmax(logits))
         x = logits.to(torch.float32, copy=True)
         apply_penalties(x, rows)
         apply_min_tokens(x, rows)
-        tokens = x.argmax(dim=-1)
+        tokens = argmax(x)
         sampled = [i for i, row in enumerate(rows) if not row.params.greedy]
         if sampled:
             index = _index(x, sampled)
             tokens[index] = sample(x[index], [rows[i] for i in sampled])
         return SamplerOutput(tokens, compute_logprobs(logits, tokens, rows))
+
+
+ARGMAX_SLICE = 128
+
+
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """x.argmax(-1) of rows [B, V], the first index of the largest value, in two passes when V
+    splits into slices of ARGMAX_SLICE: each slice's max, then the best slice. A few small
+    rows otherwise leave most of a GPU idle in one long reduction (36 us for 128256 logits)."""
+    b, v = x.shape
+    if v % ARGMAX_SLICE or v < 16 * ARGMAX_SLICE:
+        return x.argmax(dim=-1)
+    values, index = x.view(b, v // ARGMAX_SLICE, ARGMAX_SLICE).max(dim=-1)
+    best = values.argmax(dim=-1, keepdim=True)
+    return (best * ARGMAX_SLICE + index.gather(1, best)).squeeze(1)
 
 
 def sample(x: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:

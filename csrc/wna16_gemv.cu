@@ -17,10 +17,12 @@
 // the other four codes. Subtracting 1024 + zero (resp. 64 + zero) leaves q - zero exactly. A
 // load's products add up in one fp16x2 register, which goes to fp32 with the group's scale.
 //
-// The op before the linear may come fused (the prologue): a block then stages rms_norm(x) *
-// weight, or rms_norm(x + residual) * weight, writing x + residual to residual_out (a chunk per
-// block in turn), or silu(x[:, :K]) * x[:, K:]; rounded to x's dtype after each op as the
-// unfused kernels do. The norm's sum of squares takes a first pass over the row.
+// The op before the linear may come fused (the prologue): a block then stages weight * x, or
+// weight * (x + residual), and multiplies each row's dot products by the norm's 1 / rms, whose
+// sum of squares it gathers while staging (one pass over x); the grid writes x + residual to
+// residual_out after its work. Or it stages silu(x[:, :K]) * x[:, K:]. Each op is rounded to x's
+// dtype as the unfused kernels round it. Staging stores nothing to global memory, so all of a
+// thread's loads of x can be in flight together.
 //
 // With pdl the kernel is launched as a programmatic dependent (sm_90+): it may start while the
 // kernel before it in the stream finishes, issues its first weight loads (weights never depend
@@ -145,13 +147,13 @@ __device__ __forceinline__ void load8(const T* __restrict__ row, const int* __re
   }
 }
 
-// The linear's inputs of chunk u of row m before the norm's scaling: x, x + residual (written
-// to residual_out when write_sum), or silu(gate) * up. Eight at a time, to keep few registers
-// live while the first weight loads are in flight.
+// The linear's inputs of chunk u of row m, before the norm's 1 / rms: x, w * (x + residual) with
+// sq += (x + residual)^2, or silu(gate) * up; each op rounded to T as the unfused kernels round.
+// Nothing is stored here, so the loads of a chunk can all be in flight at once.
 template <typename T>
 __device__ __forceinline__ void input_chunk(const T* __restrict__ x, const int* __restrict__ perm,
                                             const Shape& s, const Prologue<T>& p, bool aligned,
-                                            int m, int u, bool write_sum, float v[kChunk]) {
+                                            int m, int u, float v[kChunk], float& sq) {
   const T* row = x + m * s.stride_xm;
 #pragma unroll
   for (int c = 0; c < kChunk / 8; ++c) {
@@ -165,82 +167,45 @@ __device__ __forceinline__ void input_chunk(const T* __restrict__ x, const int* 
         const float silu = round_to<T>(piece[i] / (1.f + expf(-piece[i])));
         piece[i] = round_to<T>(silu * other[i]);
       }
-    } else if (p.kind == kRmsNorm && p.residual != nullptr) {
-      load8(p.residual + static_cast<int64_t>(m) * s.K, perm, u, c, aligned, other);
+    } else if (p.kind == kRmsNorm) {
+      if (p.residual != nullptr) {
+        load8(p.residual + static_cast<int64_t>(m) * s.K, perm, u, c, aligned, other);
 #pragma unroll
-      for (int i = 0; i < 8; ++i) piece[i] = round_to<T>(piece[i] + other[i]);
-      if (write_sum) {
-        T* out = p.residual_out + static_cast<int64_t>(m) * s.K;
+        for (int i = 0; i < 8; ++i) piece[i] = round_to<T>(piece[i] + other[i]);
+      }
+      load8(p.weight, perm, u, c, aligned, other);
 #pragma unroll
-        for (int i = 0; i < 8; ++i) {
-          const int k = u * kChunk + c * 8 + i;
-          out[perm != nullptr ? perm[k] : k] = from_float<T>(piece[i]);
-        }
+      for (int i = 0; i < 8; ++i) {
+        sq = fmaf(piece[i], piece[i], sq);
+        piece[i] = round_to<T>(other[i] * piece[i]);
       }
     }
   }
 }
 
-// rms_norm's 1 / sqrt(mean(h^2) + eps) of each row h of the inputs, into rstd[M] (shared); the
-// blocks take turns writing x + residual, a chunk each.
+template <int M>
+struct NormPartials {
+  float sq[kWarps][M];  // each warp's sum of squares per row (rms_norm)
+};
+
+// Converts the M rows of the linear's input into shared memory: pairs[m][word j][chunk u] holds
+// the 4 fp16x2 pairs (x[k + i], x[k + 4 + i]) * 2^s of inputs k = 32u + 8j .. +8, inv[m][u] the
+// 2^-s. With rms_norm, the inputs staged are w * (x + residual) and each warp's sums of squares
+// go to `partials`: the norm's 1 / rms multiplies the dot products instead (row_scales).
 template <typename T, int M>
-__device__ void norm_scales(const T* __restrict__ x, const int* __restrict__ perm, const Shape& s,
-                            const Prologue<T>& p, bool aligned, float* rstd) {
-  __shared__ float partial[kWarps][M];
+__device__ void stage_x(const T* __restrict__ x, const int* __restrict__ perm, const Shape& s,
+                        const Prologue<T>& p, bool aligned, uint4* pairs, float* inv,
+                        NormPartials<M>& partials) {
   float sq[M];
 #pragma unroll
   for (int m = 0; m < M; ++m) sq[m] = 0.f;
   for (int idx = threadIdx.x; idx < M * s.chunks; idx += kThreads) {
     const int m = idx / s.chunks, u = idx - m * s.chunks;
-    float v[kChunk];
-    input_chunk<T>(x, perm, s, p, aligned, m, u, u % gridDim.x == blockIdx.x, v);
-    float t = 0.f;
-#pragma unroll
-    for (int i = 0; i < kChunk; ++i) t = fmaf(v[i], v[i], t);
+    float v[kChunk], t = 0.f;
+    input_chunk<T>(x, perm, s, p, aligned, m, u, v, t);
 #pragma unroll
     for (int mm = 0; mm < M; ++mm)
       if (mm == m) sq[mm] += t;
-  }
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-#pragma unroll
-  for (int m = 0; m < M; ++m) {
-    float t = sq[m];
-#pragma unroll
-    for (int o = 16; o > 0; o /= 2) t += __shfl_xor_sync(0xffffffffu, t, o);
-    if (lane == 0) partial[warp][m] = t;
-  }
-  __syncthreads();
-  if (threadIdx.x < M) {
-    float t = 0.f;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) t += partial[w][threadIdx.x];
-    rstd[threadIdx.x] = rsqrtf(t / s.K + p.eps);
-  }
-  __syncthreads();
-}
-
-// Converts the M rows of the linear's input into shared memory: pairs[m][word j][chunk u] holds
-// the 4 fp16x2 pairs (x[k + i], x[k + 4 + i]) * 2^s of inputs k = 32u + 8j .. +8, inv[m][u] the
-// 2^-s.
-template <typename T, int M>
-__device__ void stage_x(const T* __restrict__ x, const int* __restrict__ perm, const Shape& s,
-                        const Prologue<T>& p, bool aligned, uint4* pairs, float* inv) {
-  __shared__ float rstd[M];
-  if (p.kind == kRmsNorm) norm_scales<T, M>(x, perm, s, p, aligned, rstd);
-  for (int idx = threadIdx.x; idx < M * s.chunks; idx += kThreads) {
-    const int m = idx / s.chunks, u = idx - m * s.chunks;
-    float v[kChunk];
-    input_chunk<T>(x, perm, s, p, aligned, m, u, false, v);
-    if (p.kind == kRmsNorm) {
-      const float r = rstd[m];
-#pragma unroll
-      for (int c = 0; c < kChunk / 8; ++c) {
-        float w[8];
-        load8(p.weight, perm, u, c, aligned, w);
-#pragma unroll
-        for (int i = 0; i < 8; ++i) v[c * 8 + i] = round_to<T>(w[i] * round_to<T>(v[c * 8 + i] * r));
-      }
-    }
     float top = 0.f;
 #pragma unroll
     for (int i = 0; i < kChunk; ++i) top = fmaxf(top, fabsf(v[i]));
@@ -261,6 +226,61 @@ __device__ void stage_x(const T* __restrict__ x, const int* __restrict__ perm, c
         h[i] = *reinterpret_cast<uint32_t*>(&pr);
       }
       pairs[(m * 4 + j) * s.chunks + u] = slot;
+    }
+  }
+  if (p.kind == kRmsNorm) {
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      float t = sq[m];
+#pragma unroll
+      for (int o = 16; o > 0; o /= 2) t += __shfl_xor_sync(0xffffffffu, t, o);
+      if (threadIdx.x % 32 == 0) partials.sq[threadIdx.x / 32][m] = t;
+    }
+  }
+}
+
+// What each row's dot products are multiplied by: rms_norm's 1 / sqrt(mean(h^2) + eps), else 1
+// (after the __syncthreads that follows stage_x).
+template <typename T, int M>
+__device__ __forceinline__ void row_scales(const Prologue<T>& p, const Shape& s,
+                                           const NormPartials<M>& partials, float scale[M]) {
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    scale[m] = 1.f;
+    if (p.kind == kRmsNorm) {
+      float t = 0.f;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) t += partials.sq[w][m];
+      scale[m] = rsqrtf(t / s.K + p.eps);
+    }
+  }
+}
+
+// rms_norm with a residual: x + residual to residual_out, 8 inputs per thread over the whole grid,
+// after the block's own work (only the kernels after this one read it).
+template <typename T, int M>
+__device__ void write_sum(const T* __restrict__ x, const Shape& s, const Prologue<T>& p,
+                          bool aligned) {
+  if (p.kind != kRmsNorm || p.residual == nullptr) return;
+  const int pieces = s.K / 8;
+  for (int idx = blockIdx.x * kThreads + threadIdx.x; idx < M * pieces;
+       idx += gridDim.x * kThreads) {
+    const int m = idx / pieces, k = (idx - m * pieces) * 8;
+    const T* xr = x + m * s.stride_xm + k;
+    const T* rr = p.residual + static_cast<int64_t>(m) * s.K + k;
+    T* out = p.residual_out + static_cast<int64_t>(m) * s.K + k;
+    if (aligned) {
+      const uint4 a = *reinterpret_cast<const uint4*>(xr), b = *reinterpret_cast<const uint4*>(rr);
+      uint4 o;
+      const T* ae = reinterpret_cast<const T*>(&a);
+      const T* be = reinterpret_cast<const T*>(&b);
+      T* oe = reinterpret_cast<T*>(&o);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) oe[i] = from_float<T>(to_float(ae[i]) + to_float(be[i]));
+      *reinterpret_cast<uint4*>(out) = o;
+    } else {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) out[i] = from_float<T>(to_float(xr[i]) + to_float(rr[i]));
     }
   }
 }
@@ -388,7 +408,7 @@ __device__ __forceinline__ bool step(const uint4* __restrict__ w, const T* __res
                                      T* __restrict__ y, const uint4* pairs, const float* inv,
                                      const Shape& s, int& tile, int& b,
                                      const Batch<T, R, U>& now, Batch<T, R, U>& ahead,
-                                     float acc[R][M]) {
+                                     float acc[R][M], const float scale[M]) {
   int next_tile = tile, next_b = b + 1;
   if (next_b == s.lane_batches) {
     next_b = 0;
@@ -412,6 +432,7 @@ __device__ __forceinline__ bool step(const uint4* __restrict__ w, const T* __res
         float v = acc[r][m];
 #pragma unroll
         for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+        v *= scale[m];
         acc[r][m] = 0.f;
         const int row = row0 + r;
         if (lane == 0 && row < s.N) {
@@ -452,17 +473,23 @@ __global__ void __launch_bounds__(kThreads)
   asm volatile("griddepcontrol.launch_dependents;");
   asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
-  stage_x<T, M>(x, perm, s, p, x_aligned, pairs, inv);
+  __shared__ NormPartials<M> partials;
+  stage_x<T, M>(x, perm, s, p, x_aligned, pairs, inv, partials);
   __syncthreads();
+  float scale[M];
+  row_scales<T, M>(p, s, partials, scale);
 
   float acc[R][M];
 #pragma unroll
   for (int r = 0; r < R; ++r)
 #pragma unroll
     for (int m = 0; m < M; ++m) acc[r][m] = 0.f;
-  while (step<T, M, R, U>(w, scales, zeros, bias, y, pairs, inv, s, tile, b, even, odd, acc) &&
-         step<T, M, R, U>(w, scales, zeros, bias, y, pairs, inv, s, tile, b, odd, even, acc)) {
+  while (step<T, M, R, U>(w, scales, zeros, bias, y, pairs, inv, s, tile, b, even, odd, acc,
+                          scale) &&
+         step<T, M, R, U>(w, scales, zeros, bias, y, pairs, inv, s, tile, b, odd, even, acc,
+                          scale)) {
   }
+  write_sum<T, M>(x, s, p, x_aligned);
 }
 
 int device_attribute(cudaDeviceAttr attr) {
@@ -520,6 +547,7 @@ void launch(const torch::Tensor& x, const torch::Tensor& w_q, const torch::Tenso
   const Prologue<T>& p = o.prologue;
   const bool aligned = aligned16(x.data_ptr()) && s.stride_xm % 8 == 0 &&
                        (p.residual == nullptr || aligned16(p.residual)) &&
+                       (p.residual_out == nullptr || aligned16(p.residual_out)) &&
                        (p.weight == nullptr || aligned16(p.weight));
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3(grid);

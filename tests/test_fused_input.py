@@ -7,6 +7,7 @@ lands where the model reads it next."""
 import pytest
 import torch
 
+import triton_interpreter  # noqa: F401  (before any loom Triton module: see its docstring)
 from test_quant_fixtures import FIXTURES, generate
 
 from loom import ops

@@ -11,6 +11,7 @@ import torch
 from loom.sampler import (Sampler, SamplingRow, apply_min_p, apply_penalties,
                           apply_top_k_top_p)
 from loom.sampling_params import SamplingParams
+from loom import sampler
 
 VOCAB = 6
 EOS = 5
@@ -391,3 +392,30 @@ def test_valid_sampling_params_are_normalized():
     assert p.top_k == 0 and p.stop == ["###"] and p.greedy
     assert not p.needs_penalties and SamplingParams(presence_penalty=0.1).needs_penalties
     assert math.isclose(SamplingParams(top_p=1).top_p, 1.0)
+
+
+def check_two_pass_argmax(dtype, vocab, device):
+    gen = torch.Generator().manual_seed(vocab)
+    x = torch.randn(6, vocab, generator=gen).to(dtype)
+    x[1] = x[1].round()                                  # many ties everywhere
+    x[2, 5], x[2, vocab - 1] = 100.0, 100.0              # tie across the first and last slice
+    x[3, 130], x[3, 131] = 100.0, 100.0                  # tie inside one slice
+    x[4] = -torch.inf
+    x[5, 7], x[5, 3000 % vocab] = torch.nan, torch.nan
+    x = x.to(device)
+    assert torch.equal(sampler.argmax(x), x.argmax(dim=-1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab", [128256, 4096, 1000, 2048 + 128])
+def test_two_pass_argmax_is_argmax_with_ties(dtype, vocab):
+    """The first index of the largest value, as x.argmax(-1): ties inside a slice and across
+    slices, rows of -inf, a NaN (argmax takes the first NaN), coarse bf16 values."""
+    check_two_pass_argmax(dtype, vocab, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_two_pass_argmax_on_gpu(dtype):
+    check_two_pass_argmax(dtype, 128256, "cuda")
