@@ -127,59 +127,63 @@ struct Batch {
 template <typename T>
 __device__ __forceinline__ float round_to(float v) { return to_float(from_float<T>(v)); }
 
-// v[i] = row[e] for the 8 inputs e of piece c of chunk u (e = perm[32u + 8c + i], or 32u + 8c +
-// i): one 16-byte load where aligned.
+// The 32 values row[e] of chunk u (e = perm[32u + i], or 32u + i) as they are stored: four
+// 16-byte loads where aligned. Each call issues all its loads before any is used.
 template <typename T>
-__device__ __forceinline__ void load8(const T* __restrict__ row, const int* __restrict__ perm,
-                                      int u, int c, bool aligned, float v[8]) {
-  const int base = u * kChunk + c * 8;
-  if (perm != nullptr) {
+__device__ __forceinline__ void load_chunk(const T* __restrict__ row, const int* __restrict__ perm,
+                                           int u, bool aligned, uint4 raw[4]) {
+  if (perm == nullptr && aligned) {
+    const uint4* src = reinterpret_cast<const uint4*>(row + u * kChunk);
 #pragma unroll
-    for (int i = 0; i < 8; ++i) v[i] = to_float(row[perm[base + i]]);
-  } else if (aligned) {
-    const uint4 raw = *reinterpret_cast<const uint4*>(row + base);
-    const T* e = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) v[i] = to_float(e[i]);
+    for (int c = 0; c < 4; ++c) raw[c] = src[c];
   } else {
+    T* e = reinterpret_cast<T*>(raw);
 #pragma unroll
-    for (int i = 0; i < 8; ++i) v[i] = to_float(row[base + i]);
+    for (int i = 0; i < kChunk; ++i)
+      e[i] = row[perm != nullptr ? perm[u * kChunk + i] : u * kChunk + i];
   }
+}
+
+template <typename T>
+__device__ __forceinline__ float element(const uint4 raw[4], int i) {
+  return to_float(reinterpret_cast<const T*>(raw)[i]);
 }
 
 // The linear's inputs of chunk u of row m, before the norm's 1 / rms: x, w * (x + residual) with
 // sq += (x + residual)^2, or silu(gate) * up; each op rounded to T as the unfused kernels round.
-// Nothing is stored here, so the loads of a chunk can all be in flight at once.
+// All the chunk's loads (x, and residual and weight, or up) go out before the arithmetic, and
+// nothing is stored to global memory while x is staged.
 template <typename T>
 __device__ __forceinline__ void input_chunk(const T* __restrict__ x, const int* __restrict__ perm,
                                             const Shape& s, const Prologue<T>& p, bool aligned,
                                             int m, int u, float v[kChunk], float& sq) {
   const T* row = x + m * s.stride_xm;
+  uint4 xs[4], first[4], second[4];
+  load_chunk(row, perm, u, aligned, xs);
+  if (p.kind == kSiluAndMul) {
+    load_chunk(row + s.K, perm, u, aligned, first);  // up
 #pragma unroll
-  for (int c = 0; c < kChunk / 8; ++c) {
-    float* piece = v + c * 8;
-    load8(row, perm, u, c, aligned, piece);
-    float other[8];
-    if (p.kind == kSiluAndMul) {
-      load8(row + s.K, perm, u, c, aligned, other);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const float silu = round_to<T>(piece[i] / (1.f + expf(-piece[i])));
-        piece[i] = round_to<T>(silu * other[i]);
-      }
-    } else if (p.kind == kRmsNorm) {
-      if (p.residual != nullptr) {
-        load8(p.residual + static_cast<int64_t>(m) * s.K, perm, u, c, aligned, other);
-#pragma unroll
-        for (int i = 0; i < 8; ++i) piece[i] = round_to<T>(piece[i] + other[i]);
-      }
-      load8(p.weight, perm, u, c, aligned, other);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        sq = fmaf(piece[i], piece[i], sq);
-        piece[i] = round_to<T>(other[i] * piece[i]);
-      }
+    for (int i = 0; i < kChunk; ++i) {
+      const float g = element<T>(xs, i);
+      const float silu = round_to<T>(g * __frcp_rn(1.f + __expf(-g)));
+      v[i] = round_to<T>(silu * element<T>(first, i));
     }
+    return;
+  }
+  if (p.kind != kRmsNorm) {
+#pragma unroll
+    for (int i = 0; i < kChunk; ++i) v[i] = element<T>(xs, i);
+    return;
+  }
+  const bool add = p.residual != nullptr;
+  if (add) load_chunk(p.residual + static_cast<int64_t>(m) * s.K, perm, u, aligned, first);
+  load_chunk(p.weight, perm, u, aligned, second);
+#pragma unroll
+  for (int i = 0; i < kChunk; ++i) {
+    const float h = add ? round_to<T>(element<T>(xs, i) + element<T>(first, i))
+                        : element<T>(xs, i);
+    sq = fmaf(h, h, sq);
+    v[i] = round_to<T>(element<T>(second, i) * h);
   }
 }
 
@@ -447,8 +451,10 @@ __device__ __forceinline__ bool step(const uint4* __restrict__ w, const T* __res
   return more;
 }
 
+// The tiles the defaults pick for one or two rows of x keep two blocks per SM (at most 128
+// registers a thread).
 template <typename T, int M, int R, int U>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, (M == 1 && R * U <= 8) || (M == 2 && R * U <= 4) ? 2 : 1)
     int4_gemv_kernel(const T* __restrict__ x, const int* __restrict__ perm,
                      const uint4* __restrict__ w, const T* __restrict__ scales,
                      const T* __restrict__ zeros, const T* __restrict__ bias, T* __restrict__ y,
