@@ -126,8 +126,9 @@ ARGMAX_SLICE = 128
 
 def argmax(x: torch.Tensor) -> torch.Tensor:
     """x.argmax(-1) of rows [B, V], the first index of the largest value, in two passes when V
-    splits into slices of ARGMAX_SLICE: each slice's max, then the best slice. A few small
-    rows otherwise leave most of a GPU idle in one long reduction (36 us for 128256 logits)."""
+    splits into slices of ARGMAX_SLICE: each slice's max, then the best slice. A few rows
+    otherwise leave most of a GPU idle in one long reduction (36 us a step for one row of
+    128,256 logits on the H200, decode profile run 39)."""
     b, v = x.shape
     if v % ARGMAX_SLICE or v < 16 * ARGMAX_SLICE:
         return x.argmax(dim=-1)
