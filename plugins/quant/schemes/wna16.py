@@ -199,17 +199,18 @@ class WNA16Scheme(Scheme):
 
     def fuses_input(self, layer, op, x):
         """The native int4 GEMV applies the norm / SiLU-and-mul itself (1-4 rows on CUDA)."""
-        if not x.is_cuda or x.dim() != 2:
-            return False
+        return x.is_cuda and x.dim() == 2 and self.native_applies(layer, x, op)
+
+    def native_applies(self, layer, x, op=None) -> bool:
+        """Whether the native int4 GEMV takes x (with ``op`` applied first) for this layer."""
         native, _, _ = _kernels()
         return native.applies(x, layer.w_q, layer.w_scales, self.bits, layer.group_size,
                               layer.w_g_idx, op)
 
     def apply(self, layer, x, bias):
         if isinstance(x, FusedInput):
-            native, _, _ = _kernels()
-            if native.applies(x.x, layer.w_q, layer.w_scales, self.bits, layer.group_size,
-                              layer.w_g_idx, x.op):
+            if self.native_applies(layer, x.x, x.op):
+                native, _, _ = _kernels()
                 return native.int4_gemv(x, layer.w_q, layer.w_scales, layer.w_zeros,
                                         layer.w_perm, layer.group_size, bias)
             x = x.evaluate()
@@ -228,8 +229,7 @@ class WNA16Scheme(Scheme):
         applies, else Triton's; the GEMM beyond."""
         native, gemv, gemm = _kernels()
         args = (layer.w_q, layer.w_scales, layer.w_zeros)
-        if native.applies(x2, layer.w_q, layer.w_scales, self.bits, layer.group_size,
-                          layer.w_g_idx):
+        if self.native_applies(layer, x2):
             return native.int4_gemv(x2, *args, layer.w_perm, layer.group_size, bias)
         if gemv.gemv_supported(x2, layer.w_q, self.bits, layer.group_size, layer.w_g_idx):
             return gemv.wna16_gemv(x2, *args, layer.w_perm, self.bits, layer.group_size, bias)
