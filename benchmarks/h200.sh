@@ -135,6 +135,27 @@ with tarfile.open('$OUT/flashinfer-jit.tar.xz', 'w:xz') as t:
           --json "$OUT/decode_profile_b${b}${PROFILE_TAG:-}.json" 2>&1 | grep -v "^\[\|USDT" | tail -32
       done
       ;;
+    timeline)
+      # Graph-replayed decode steps kernel by kernel: time and the idle gap before each
+      # (TIMELINE_CFGS: configs/*.yaml names).
+      for c in ${TIMELINE_CFGS:-llama3-8b-gptq llama3-8b}; do
+        log "decode timeline batch 1: $c"
+        timeout ${TIMELINE_TIMEOUT:-240} python3 benchmarks/decode_profile.py --config configs/$c.yaml --graphs \
+          --timeline --steps ${TIMELINE_STEPS:-16} --json "$OUT/decode_timeline_b1_$c.json" 2>&1 \
+          | grep -v "^\[\|USDT" | tail -40
+      done
+      ;;
+    ncu-gemv)
+      # Hardware counters of the four native int4 GEMVs of a Llama-3-8B layer (one launch each).
+      log "ncu: native int4 GEMVs"
+      NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
+      (cd benchmarks && timeout ${NCU_TIMEOUT:-180} $NCU --clock-control none -k regex:int4_gemv --launch-skip 8 \
+        --launch-count 4 --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
+        --section LaunchStats --section WarpStateStats --section SchedulerStats \
+        python3 native_gemv_once.py) > "$OUT/ncu_gemv.txt" 2>&1
+      grep -E "int4_gemv|Duration|DRAM Throughput|Memory Throughput|L2 Hit|Achieved Occupancy|Registers Per|Warp Cycles Per Issued|Issued Ipc|No Eligible|Block Limit" \
+        "$OUT/ncu_gemv.txt" | head -80
+      ;;
     tput)
       # TPUT_VARIANTS: name:flags;... e.g. "bf16:;kvfp8:--kv-cache-dtype fp8"
       IFS=';' read -ra variants <<< "${TPUT_VARIANTS:-bf16:}"
