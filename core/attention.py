@@ -101,6 +101,15 @@ class AttentionBackend:
         """
         raise NotImplementedError
 
+    def forward_rotary(self, positions: torch.Tensor, rotary_emb, q: torch.Tensor,
+                       k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                       metadata) -> torch.Tensor:
+        """``rotary_emb(positions, q, k)`` (a loom.models.layers.RotaryEmbedding), then
+        ``forward``. A backend that rotates k as it writes the cache overrides this to save a
+        kernel; q and k may be rotated in place either way."""
+        q, k = rotary_emb(positions, q, k)
+        return self.forward(q, k, v, kv_cache, metadata)
+
 
 def is_fp8(kv_cache: torch.Tensor) -> bool:
     """Whether ``kv_cache`` holds fp8 values (quantized by the backend's scales)."""

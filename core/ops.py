@@ -1,5 +1,6 @@
 """Fused hot ops of the model: RMSNorm (with the residual add), SiLU-and-mul, rotary embedding,
-and the paged KV-cache write that attention backends without their own may call.
+and the paged KV-cache write that attention backends without their own may call (alone, or with
+the rotary before it).
 
 ``FusedOps`` is both the interface and its torch reference twin, numerically what Hugging Face
 transformers computes. Plugins register faster subclasses through ``loom_fused_ops``; the
@@ -66,6 +67,16 @@ class FusedOps:
     def write_kv(self, kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  slot_mapping: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
         write_kv(kv_cache, k, v, slot_mapping, k_scale, v_scale)
+
+    def rotary_write_kv(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                        v: torch.Tensor, cos_sin_cache: torch.Tensor, kv_cache: torch.Tensor,
+                        slot_mapping: torch.Tensor, k_scale: float = 1.0,
+                        v_scale: float = 1.0) -> torch.Tensor:
+        """rotary, then write_kv of the rotated k and v; returns the rotated q (k may be left
+        unrotated: only the cache keeps it)."""
+        q, k = self.rotary(positions, q, k, cos_sin_cache)
+        self.write_kv(kv_cache, k, v, slot_mapping, k_scale, v_scale)
+        return q
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -163,6 +163,32 @@ def test_padded_verify_batch_reads_no_host_values(heads, monkeypatch):
     assert torch.equal(cache, ref_cache)
 
 
+@pytest.mark.parametrize("fused_ops", ["triton", "torch"])
+@pytest.mark.parametrize("kv_splits", [1, 4])
+def test_forward_rotary(fused_ops, kv_splits, monkeypatch):
+    """forward_rotary (the rotary and the cache write in one kernel with the triton ops; the
+    ops' rotary then forward otherwise) against torch_ref's forward on rotated q and k."""
+    from loom import ops
+    from loom.models.layers import RotaryEmbedding
+    from loom.plugins.ops.triton import TritonFusedOps
+    monkeypatch.setattr(ops, "_active", TritonFusedOps() if fused_ops == "triton" else
+                        ops.FusedOps())
+    backend = make_backend(8, 2, 64, kv_splits=kv_splits)
+    metadata, num_blocks = build_metadata(MIXED_BATCHES["decodes_and_chunks"], 16, DEVICE)
+    q, k, v, kv_cache = random_inputs(metadata, num_blocks, 8, 2, 64, torch.float32, DEVICE)
+    positions = (metadata.seq_lens.repeat_interleave(
+        metadata.query_start_loc.diff().long()) - 1).long()
+    with torch.device(DEVICE):
+        rotary = RotaryEmbedding(64, 4096, 10000.0)
+    ref_q, ref_k = ops.FusedOps().rotary(positions, q.clone(), k.clone(), rotary.cos_sin_cache)
+    _, ref, _, ref_cache = run_with_ref(backend, metadata, ref_q, ref_k, v, kv_cache)
+    cache = kv_cache.clone()
+    out = backend.forward_rotary(positions, rotary, q.clone(), k.clone(), v, cache, metadata)
+    n = metadata.num_tokens
+    assert rel_err(out[:n], ref[:n]) < 1e-4
+    assert rel_err(cache, ref_cache) < 1e-5
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU")
 def test_cuda_graph_replay_with_new_metadata():

@@ -156,6 +156,47 @@ def test_write_kv_matches_torch_twin(dtype):
     assert torch.equal(kv_cache, expected)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cache_dtype", ["model", "fp8"])
+def test_rotary_write_kv_matches_rotary_then_write_kv(dtype, cache_dtype):
+    """The one-kernel rotary and cache write on views of a qkv output: q rotated in place and
+    the cache bit for bit what the triton rotary then write_kv give (fp8: the same codes), and
+    within rounding of the torch twin's; padding (slot -1) writes nothing; k is left as it was."""
+    metadata, num_blocks = build_metadata([(3, 1), (0, 9), (14, 5)], 16, DEVICE)
+    metadata.slot_mapping[4] = -1
+    tokens, heads, kv_heads, head_dim = metadata.slot_mapping.shape[0], 8, 2, 64
+    q_size, kv_size = heads * head_dim, kv_heads * head_dim
+    qkv = randn(tokens, q_size + 2 * kv_size, dtype=dtype)
+    q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+    q = q.view(tokens, heads, head_dim)
+    k, v = k.view(tokens, kv_heads, head_dim), v.view(tokens, kv_heads, head_dim)
+    positions = torch.randint(0, 200, (tokens,), generator=torch.Generator().manual_seed(3))
+    positions = positions.to(DEVICE)
+    rope = cos_sin_cache(256, head_dim)
+    before = randn(2, num_blocks, 16, kv_heads, head_dim, dtype=dtype, seed=5)
+    scales = (1.0, 1.0)
+    if cache_dtype == "fp8":
+        before, scales = before.to(FP8), (0.5, 2.0)
+    caches = {name: before.clone() for name in ("fused", "unfused", "twin")}
+    twin_q = REF.rotary_write_kv(positions, q.clone(), k.clone(), v, rope, caches["twin"],
+                                 metadata.slot_mapping, *scales)
+    unfused_q, unfused_k = OPS.rotary(positions, q.clone(), k.clone(), rope)
+    OPS.write_kv(caches["unfused"], unfused_k, v, metadata.slot_mapping, *scales)
+    k0 = k.clone()
+    out_q = OPS.rotary_write_kv(positions, q, k, v, rope, caches["fused"], metadata.slot_mapping,
+                                *scales)
+    assert out_q.data_ptr() == q.data_ptr() and torch.equal(k, k0)
+    assert torch.equal(out_q, unfused_q)
+    check(out_q, twin_q)
+    bits = {name: c.view(torch.uint8) for name, c in caches.items()}
+    assert torch.equal(bits["fused"], bits["unfused"])
+    assert rel_err(caches["fused"].float(), caches["twin"].float()) < (
+        TOLERANCE[dtype] if cache_dtype == "model" else 0.1)
+    # Only the 14 real tokens' K and V rows changed (the padding token wrote nothing).
+    rows = (bits["fused"] != before.view(torch.uint8)).reshape(2, -1, kv_size * before.element_size())
+    assert int(rows.any(-1).sum()) == 2 * 14
+
+
 # The fused ops with an fp8 per-token output (for an FP8 linear after them): the codes and scales
 # equal the unfused Triton op followed by quantize_per_token bit for bit, and dequantized they
 # are the torch twin's within fp8's rounding.

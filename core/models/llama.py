@@ -62,8 +62,8 @@ class LlamaAttention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary_emb(positions, q, k)
-        out = self.attn.forward(q, k, v, kv_cache, attn_metadata)
+        out = self.attn.forward_rotary(positions, self.rotary_emb, q, k, v, kv_cache,
+                                       attn_metadata)
         return self.o_proj(out.reshape(-1, self.q_size))
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from loom import ops
 from loom.attention import AttentionBackend, AttentionMetadata
 
 # Launch configuration: first tuned on an H200 (bf16, 32 heads / 8 KV heads, head size 128).
@@ -81,6 +82,19 @@ class TritonAttention(AttentionBackend):
 
     def forward(self, q, k, v, kv_cache, metadata: AttentionMetadata):
         self.write_kv(kv_cache, k, v, metadata.slot_mapping, self.k_scale, self.v_scale)
+        return self._attend(q, kv_cache, metadata)
+
+    def forward_rotary(self, positions, rotary_emb, q, k, v, kv_cache, metadata):
+        """With graph-safe fused ops (the triton ops), their one-kernel rotary and cache write;
+        otherwise the rotary by the fused ops, then forward."""
+        fused = ops.active()
+        if not fused.graph_safe_write_kv:
+            return super().forward_rotary(positions, rotary_emb, q, k, v, kv_cache, metadata)
+        q = fused.rotary_write_kv(positions, q, k, v, rotary_emb.cos_sin_cache, kv_cache,
+                                  metadata.slot_mapping, self.k_scale, self.v_scale)
+        return self._attend(q, kv_cache, metadata)
+
+    def _attend(self, q, kv_cache, metadata: AttentionMetadata):
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         if metadata.num_decodes:
             self._decode(out, q, kv_cache, metadata)

@@ -11,13 +11,16 @@ softmax scale and v_scale into the output, which equals dequantizing each value 
 
 Rows of a program's query tile are (token, query head) pairs of one KV head's group, so every
 K/V tile is loaded once per group. Softmax runs online in base 2, accumulating in fp32.
-Plain Triton 3.x language only (run on triton 3.6 on an H200 and 3.9's interpreter).
+Plain Triton 3.x language only (run on triton 3.6 on an H200 and 3.9's interpreter); the decode
+kernels launch as programmatic dependents where the ops plugin's pdl.enabled says so.
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+from loom.plugins.ops.triton import pdl
 
 LOG2_E = 1.4426950408889634
 FP16_QUERY_DTYPES = (torch.bfloat16, torch.float16)
@@ -160,10 +163,14 @@ def _decode_attention(out_ptr, part_out_ptr, part_lse_ptr, q_ptr, cache_ptr, blo
                       c_stride_kv, c_stride_block, c_stride_off, c_stride_h,
                       NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_SIZE: tl.constexpr,
                       HEAD_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr,
-                      TILE: tl.constexpr, NUM_SPLITS: tl.constexpr, FP16: tl.constexpr):
+                      TILE: tl.constexpr, NUM_SPLITS: tl.constexpr, FP16: tl.constexpr,
+                      USE_GDC: tl.constexpr):
     """Grid (num_seqs, num_kv_heads, NUM_SPLITS): one query token x GROUP heads over one split
     of the keys. With one split the result goes to out; otherwise each split writes its
     normalized partial output and base-2 log-sum-exp for _reduce_splits."""
+    if USE_GDC:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -202,8 +209,11 @@ def _decode_attention(out_ptr, part_out_ptr, part_lse_ptr, q_ptr, cache_ptr, blo
 @triton.jit
 def _reduce_splits(out_ptr, part_out_ptr, part_lse_ptr, o_stride_t, o_stride_h,
                    NUM_HEADS: tl.constexpr, HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,
-                   NUM_SPLITS: tl.constexpr):
+                   NUM_SPLITS: tl.constexpr, USE_GDC: tl.constexpr):
     """Grid (num_seqs, num_heads): combine the splits' partial outputs by their weights."""
+    if USE_GDC:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     seq = tl.program_id(0)
     head = tl.program_id(1)
     s = tl.arange(0, NUM_SPLITS)
@@ -273,16 +283,17 @@ def decode_attention(out, q, kv_cache, block_tables, seq_lens, num_seqs: int, sc
                                device=q.device)
         part_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32,
                                device=q.device)
+    use_gdc = pdl.enabled(q.device)
     _decode_attention[(num_seqs, num_kv_heads, num_splits)](
         out, part_out, part_lse, q, kv_cache, block_tables, seq_lens, scale * k_scale * LOG2_E,
         float(v_scale), q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         block_tables.stride(0), *_cache_strides(kv_cache), NUM_HEADS=num_heads,
         GROUP=num_heads // num_kv_heads, HEAD_SIZE=head_size, HEAD_PAD=_pad(head_size),
         BLOCK_SIZE=kv_cache.shape[2], BLOCK_H=_pad(num_heads // num_kv_heads), TILE=tile,
-        NUM_SPLITS=num_splits, FP16=reads_fp8_as_fp16(kv_cache, q), num_warps=num_warps,
-        num_stages=num_stages)
+        NUM_SPLITS=num_splits, FP16=reads_fp8_as_fp16(kv_cache, q), USE_GDC=use_gdc,
+        num_warps=num_warps, num_stages=num_stages, **pdl.launch_kwargs(use_gdc))
     if num_splits > 1:
         _reduce_splits[(num_seqs, num_heads)](
             out, part_out, part_lse, out.stride(0), out.stride(1), NUM_HEADS=num_heads,
             HEAD_SIZE=head_size, HEAD_PAD=triton.next_power_of_2(head_size),
-            NUM_SPLITS=num_splits)
+            NUM_SPLITS=num_splits, USE_GDC=use_gdc, **pdl.launch_kwargs(use_gdc))

@@ -1,7 +1,9 @@
 """The ``triton`` fused ops plugin: one Triton kernel per op (kernels in kernels.py).
 
-``rotary`` rotates q and k in place (views of the qkv output are fine) and returns them; the
-norms and ``silu_and_mul`` write new tensors and leave their inputs as the torch twin does.
+``rotary`` rotates q and k in place (views of the qkv output are fine) and returns them;
+``rotary_write_kv`` rotates q in place and stores the rotated k (k itself is left) and v in the
+cache, one kernel; the norms and ``silu_and_mul`` write new tensors and leave their inputs as the
+torch twin does.
 """
 from __future__ import annotations
 
@@ -47,6 +49,11 @@ class TritonFusedOps(FusedOps):
 
     def write_kv(self, kv_cache, k, v, slot_mapping, k_scale=1.0, v_scale=1.0):
         self.kernels.write_kv(kv_cache, k, v, slot_mapping, k_scale, v_scale)
+
+    def rotary_write_kv(self, positions, q, k, v, cos_sin_cache, kv_cache, slot_mapping,
+                        k_scale=1.0, v_scale=1.0):
+        return self.kernels.rotary_write_kv(positions, q, k, v, cos_sin_cache, kv_cache,
+                                            slot_mapping, k_scale, v_scale)
 
 
 @hookimpl

@@ -4,8 +4,11 @@ rotate-half rotary. fp32 math; results rounded where the torch twin rounds. And 
 KV-cache write by slot mapping, for a [2, num_blocks, block_size, num_kv_heads, head_size] cache
 (quantizing to fp8 by per-tensor scales when the cache is fp8).
 
+``rotary_write_kv`` does the rotary and the cache write of a decode step in one kernel, launched
+as a programmatic dependent where pdl.enabled (Triton 3.3+, sm_90+).
+
 Graph safety: grids and constexprs depend only on tensor shapes, strides and dtypes.
-Only Triton APIs available since 3.0 are used.
+Triton APIs available since 3.0 are used, and gdc_wait/launch_pdl only where pdl.enabled.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import triton
 import triton.language as tl
 
 from loom.attention import is_fp8
+from loom.plugins.ops.triton import pdl
 from loom.quant import QuantizedInput
 
 SILU_BLOCK = 1024   # columns per silu_and_mul program
@@ -196,14 +200,21 @@ def _rotate_heads(ptr, s_h, s_d, heads, cos, sin,
     mask = (h < heads) & (d < HALF)
     first = ptr + h * s_h + d * s_d
     second = first + HALF * s_d
-    x1 = tl.load(first, mask=mask, other=0.0)
-    x2 = tl.load(second, mask=mask, other=0.0)
+    x1, x2 = _rotated(tl.load(first, mask=mask, other=0.0), tl.load(second, mask=mask, other=0.0),
+                      cos, sin)
+    tl.store(first, x1, mask=mask)
+    tl.store(second, x2, mask=mask)
+
+
+@triton.jit
+def _rotated(x1, x2, cos, sin):
+    """(x1 cos - x2 sin, x2 cos + x1 sin) in x's dtype, cos/sin rounded to it first (as the
+    torch twin computes with them)."""
     dtype = x1.dtype
     c = cos.to(dtype).to(tl.float32)
     s = sin.to(dtype).to(tl.float32)
     x1, x2 = x1.to(tl.float32), x2.to(tl.float32)
-    tl.store(first, (x1 * c - x2 * s).to(dtype), mask=mask)
-    tl.store(second, (x2 * c + x1 * s).to(dtype), mask=mask)
+    return (x1 * c - x2 * s).to(dtype), (x2 * c + x1 * s).to(dtype)
 
 
 @triton.jit
@@ -229,6 +240,73 @@ def rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
         BLOCK_HK=triton.next_power_of_2(k.shape[1]), BLOCK_D=triton.next_power_of_2(half),
         num_warps=4)
     return q, k
+
+
+@triton.jit
+def _rotary_write_kv_kernel(pos_ptr, q_ptr, k_ptr, v_ptr, rope_ptr, rope_stride, cache_ptr,
+                            slot_ptr, k_scale, v_scale, fp8_max, q_heads,
+                            q_st, q_sh, k_st, k_sh, v_st, v_sh,
+                            c_stride_kv, c_stride_block, c_stride_off, c_stride_h,
+                            NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr,
+                            BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
+                            BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, FP8: tl.constexpr,
+                            USE_GDC: tl.constexpr):
+    """One token: q rotated in place; k rotated and v stored at the token's cache slot (none for
+    slot -1), quantized as _write_kv_kernel quantizes."""
+    if USE_GDC:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    t = tl.program_id(0).to(tl.int64)
+    row = rope_ptr + tl.load(pos_ptr + t).to(tl.int64) * rope_stride
+    d = tl.arange(0, BLOCK_D)[None, :]
+    cos = tl.load(row + d, mask=d < HALF, other=0.0)
+    sin = tl.load(row + HALF + d, mask=d < HALF, other=0.0)
+    _rotate_heads(q_ptr + t * q_st, q_sh, 1, q_heads, cos, sin, HALF, BLOCK_HQ, BLOCK_D)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot < 0:
+        return
+    h = tl.arange(0, BLOCK_HK)[:, None]
+    mask = (h < NUM_KV_HEADS) & (d < HALF)
+    k = k_ptr + t * k_st + h * k_sh + d
+    v = v_ptr + t * v_st + h * v_sh + d
+    k1, k2 = _rotated(tl.load(k, mask=mask), tl.load(k + HALF, mask=mask), cos, sin)
+    v1, v2 = tl.load(v, mask=mask), tl.load(v + HALF, mask=mask)
+    if FP8:
+        k1 = tl.minimum(tl.maximum(k1.to(tl.float32) / k_scale, -fp8_max), fp8_max)
+        k2 = tl.minimum(tl.maximum(k2.to(tl.float32) / k_scale, -fp8_max), fp8_max)
+        v1 = tl.minimum(tl.maximum(v1.to(tl.float32) / v_scale, -fp8_max), fp8_max)
+        v2 = tl.minimum(tl.maximum(v2.to(tl.float32) / v_scale, -fp8_max), fp8_max)
+    dst = (cache_ptr + (slot // BLOCK_SIZE) * c_stride_block + (slot % BLOCK_SIZE) * c_stride_off
+           + h * c_stride_h + d)
+    out_type = cache_ptr.dtype.element_ty
+    tl.store(dst, k1.to(out_type), mask=mask)
+    tl.store(dst + HALF, k2.to(out_type), mask=mask)
+    tl.store(dst + c_stride_kv, v1.to(out_type), mask=mask)
+    tl.store(dst + c_stride_kv + HALF, v2.to(out_type), mask=mask)
+
+
+def rotary_write_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    cos_sin_cache: torch.Tensor, kv_cache: torch.Tensor,
+                    slot_mapping: torch.Tensor, k_scale: float = 1.0,
+                    v_scale: float = 1.0) -> torch.Tensor:
+    """rotary(positions, q, k) then write_kv(kv_cache, k, v, slot_mapping, ...), in one kernel:
+    q [T, H, D] rotated in place and returned; k is left as it was (only its rotated copy in the
+    cache is kept)."""
+    num_tokens, num_kv_heads, head_size = k.shape
+    assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
+    assert kv_cache.stride(-1) == 1 and head_size % 2 == 0
+    fp8 = is_fp8(kv_cache)
+    half = head_size // 2
+    use_gdc = pdl.enabled(q.device)
+    _rotary_write_kv_kernel[(num_tokens,)](
+        positions, q, k, v, cos_sin_cache, cos_sin_cache.stride(0), kv_cache, slot_mapping,
+        float(k_scale), float(v_scale), float(torch.finfo(kv_cache.dtype).max) if fp8 else 0.0,
+        q.shape[1], q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        *kv_cache.stride()[:4], NUM_KV_HEADS=num_kv_heads, HALF=half,
+        BLOCK_HQ=triton.next_power_of_2(q.shape[1]), BLOCK_HK=triton.next_power_of_2(num_kv_heads),
+        BLOCK_D=triton.next_power_of_2(half), BLOCK_SIZE=kv_cache.shape[2], FP8=fp8,
+        USE_GDC=use_gdc, num_warps=4, **pdl.launch_kwargs(use_gdc))
+    return q
 
 
 @triton.jit
