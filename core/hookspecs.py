@@ -6,7 +6,7 @@ registered the same way. Every hook returns *classes*; each class carries a uniq
 (model classes: their Hugging Face ``architectures`` names).
 
 Versioning: ``LOOM_PLUGIN_API`` is "MAJOR.MINOR". A plugin declares the version it was built
-for as a module attribute, ``LOOM_PLUGIN_API = "1.5"``; loom refuses a plugin whose major differs
+for as a module attribute, ``LOOM_PLUGIN_API = "1.6"``; loom refuses a plugin whose major differs
 or whose minor is newer than its own, with a message naming both versions. A minor version only
 adds: a hook may gain arguments (pluggy lets an implementation take fewer), never lose them; an
 interface may gain members with defaults. A name that moves is listed in ``MOVED`` and keeps
@@ -30,7 +30,9 @@ ENTRY_POINT_GROUP = "loom"
 #      add_rms_norm_quant, silu_and_mul_quant (the op before an FP8 linear quantizes for it).
 # 1.5: QuantMethod.fuses_input and loom.quant.FusedInput (a linear's kernel applies the norm or
 #      SiLU-and-mul before it).
-LOOM_PLUGIN_API = "1.5"
+# 1.6: AttentionBackend.forward_rotary and FusedOps.rotary_write_kv (the rotary embedding and the
+#      KV-cache write in one kernel).
+LOOM_PLUGIN_API = "1.6"
 
 
 class LoomDeprecationWarning(DeprecationWarning):
