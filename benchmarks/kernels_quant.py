@@ -85,10 +85,6 @@ GEMV_CONFIGS = {   # name: config; default: the kernel's (128 rows, 128 inputs, 
         (2, 4, 2, 0), (2, 4, 2, 4), (1, 4, 2, 2), (1, 4, 2, 4), (1, 4, 3, 2), (4, 4, 1, 2),
         (4, 4, 1, 4), (2, 2, 3, 2), (2, 2, 3, 4), (4, 2, 2, 2), (1, 2, 4, 4), (2, 8, 1, 2),
         (1, 8, 2, 2)]},
-    # the shared-memory ring's stages (s0: the register buffers; no s: as many as fit)
-    **{f"cuda{r}x{u}b{b}s{st}": NativeGemvConfig(r, u, b, 0, st) for r, u, b, st in [
-        (2, 4, 2, 0), (2, 4, 2, 2), (2, 4, 2, 3), (1, 4, 2, 0), (1, 4, 2, 4), (1, 4, 2, 6),
-        (2, 2, 2, 4), (2, 2, 3, 0), (2, 2, 3, 2), (2, 4, 1, 6)]},
     # torch's int4 kernel (tinygemm, _weight_int4pack_mm), bf16 x, for comparison
     "tinygemm": "tinygemm",
 }

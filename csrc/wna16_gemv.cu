@@ -71,30 +71,6 @@ __device__ __forceinline__ uint4 load_streaming(const uint4* p) {
   return v;
 }
 
-// cp.async: 16 bytes global -> shared without registers (sm_80+); src_bytes 0 fills zeros.
-__device__ __forceinline__ void copy_async(void* dst, const void* src, int src_bytes = 16) {
-  const uint32_t to = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;" ::"r"(to), "l"(src),
-               "r"(src_bytes)
-               : "memory");
-}
-
-__device__ __forceinline__ void commit_copies() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-
-// Waits until at most n of the thread's copy groups are still in flight.
-__device__ __forceinline__ void wait_copies(int n) {
-  switch (n) {
-    case 0: asm volatile("cp.async.wait_group 0;" ::: "memory"); break;
-    case 1: asm volatile("cp.async.wait_group 1;" ::: "memory"); break;
-    case 2: asm volatile("cp.async.wait_group 2;" ::: "memory"); break;
-    case 3: asm volatile("cp.async.wait_group 3;" ::: "memory"); break;
-    case 4: asm volatile("cp.async.wait_group 4;" ::: "memory"); break;
-    case 5: asm volatile("cp.async.wait_group 5;" ::: "memory"); break;
-    case 6: asm volatile("cp.async.wait_group 6;" ::: "memory"); break;
-    default: asm volatile("cp.async.wait_group 7;" ::: "memory"); break;
-  }
-}
-
 __device__ __forceinline__ half2 bits_to_half2(uint32_t v) {
   half2 h;
   *reinterpret_cast<uint32_t*>(&h) = v;
@@ -127,8 +103,6 @@ struct Shape {
   int lane_batches;   // batches of U loads a lane makes per row
   int tiles;          // row tiles of kWarps * R rows
   int prefetch;       // steps whose weights are asked into L2 ahead of their loads
-  int stages;         // > 0: steps in flight through shared memory (cp.async), else registers
-  int group_batch;    // stages > 0: groups a batch covers per row (U * 32 / group_chunks)
   int64_t stride_xm;
 };
 
@@ -477,141 +451,9 @@ __device__ __forceinline__ bool step(const uint4* __restrict__ w, const T* __res
   return more;
 }
 
-// The shared-memory ring of the async path: per stage, each thread's R x U weight loads (a
-// thread reads back only what it copied), and per warp its rows' scales and zeros over the
-// batch's groups, [R][2][group_batch] (copied by the warp's lanes, read by all of them).
-template <typename T, int R, int U>
-struct Ring {
-  uint4* w;   // [stages][R][U][kThreads]
-  T* sz;      // [stages][kWarps][R][2][group_batch]
-
-  __device__ uint4* weight(const Shape& s, int stage, int r, int j) const {
-    return w + ((static_cast<int64_t>(stage) * R + r) * U + j) * kThreads + threadIdx.x;
-  }
-  __device__ T* groups(const Shape& s, int stage, int r, int which) const {
-    const int warp = threadIdx.x / 32;
-    return sz + (((static_cast<int64_t>(stage) * kWarps + warp) * R + r) * 2 + which) *
-                    s.group_batch;
-  }
-};
-
-template <typename T, int R, int U>
-__host__ __device__ constexpr size_t ring_stage_bytes(int group_batch) {
-  return static_cast<size_t>(R) * U * kThreads * sizeof(uint4) +
-         static_cast<size_t>(kWarps) * R * 2 * group_batch * sizeof(T);
-}
-
-// Starts the copies of step (tile, b) into ring stage `stage`: the weights as load_batch reads
-// them, and the rows' scales and zeros of the batch's groups in 16-byte pieces (zeros past G).
-template <typename T, int R, int U>
-__device__ __forceinline__ void copy_step(const uint4* __restrict__ w, const T* __restrict__ scales,
-                                          const T* __restrict__ zeros, const Shape& s, int tile,
-                                          int b, int stage, const Ring<T, R, U>& ring) {
-  const int lane = threadIdx.x % 32;
-  const int row0 = tile * kWarps * R + (threadIdx.x / 32) * R;
-#pragma unroll
-  for (int r = 0; r < R; ++r) {
-    const int row = min(row0 + r, s.N - 1);
-    const uint4* wr = w + static_cast<int64_t>(row) * s.chunks;
-#pragma unroll
-    for (int j = 0; j < U; ++j)
-      copy_async(ring.weight(s, stage, r, j), wr + min((b * U + j) * 32 + lane, s.chunks - 1));
-  }
-  constexpr int kPiece = 16 / sizeof(T);
-  const int pieces = s.group_batch / kPiece;  // per row and array
-  for (int p = lane; p < R * 2 * pieces; p += 32) {
-    const int r = p / (2 * pieces), which = (p / pieces) % 2, piece = p % pieces;
-    const int row = min(row0 + r, s.N - 1);
-    const int g = b * s.group_batch + piece * kPiece;
-    const T* src = (which ? zeros : scales) + static_cast<int64_t>(row) * s.G + min(g, s.G - kPiece);
-    copy_async(ring.groups(s, stage, r, which) + piece * kPiece, src, g < s.G ? 16 : 0);
-  }
-}
-
-// The copies of step (tile, b) in ring stage `stage`, as load_batch would have loaded them.
-template <typename T, int R, int U>
-__device__ __forceinline__ void read_step(const Shape& s, int stage, const Ring<T, R, U>& ring,
-                                          Batch<T, R, U>& out) {
-  const int lane = threadIdx.x % 32;
-#pragma unroll
-  for (int r = 0; r < R; ++r) {
-    const T* sc = ring.groups(s, stage, r, 0);
-    const T* ze = ring.groups(s, stage, r, 1);
-#pragma unroll
-    for (int j = 0; j < U; ++j) {
-      out.w[r][j] = *ring.weight(s, stage, r, j);
-      const int g = (j * 32 + lane) >> s.group_shift;
-      out.scale[r][j] = sc[g];
-      out.zero[r][j] = ze[g];
-    }
-  }
-}
-
-__device__ __forceinline__ void next_step(const Shape& s, int& tile, int& b) {
-  if (++b == s.lane_batches) {
-    b = 0;
-    tile += gridDim.x;
-  }
-}
-
-// The async path's steps after the first stages - 1 were issued ((tile, b) = the next to
-// issue): each iteration issues one more, waits for the oldest, multiplies it.
-template <typename T, int M, int R, int U>
-__device__ void ring_steps(const uint4* __restrict__ w, const T* __restrict__ scales,
-                           const T* __restrict__ zeros, const T* __restrict__ bias,
-                           T* __restrict__ y, const uint4* pairs, const float* inv,
-                           const Shape& s, const Ring<T, R, U>& ring, int tile, int b,
-                           const float scale[M]) {
-  float acc[R][M];
-#pragma unroll
-  for (int r = 0; r < R; ++r)
-#pragma unroll
-    for (int m = 0; m < M; ++m) acc[r][m] = 0.f;
-  const int lane = threadIdx.x % 32;
-  int now_tile = blockIdx.x, now_b = 0;
-  for (int i = 0; now_tile < s.tiles; ++i) {
-    if (tile < s.tiles) copy_step<T, R, U>(w, scales, zeros, s, tile, b, (i + s.stages - 1) % s.stages, ring);
-    commit_copies();
-    next_step(s, tile, b);
-    wait_copies(s.stages - 1);
-    __syncwarp();
-    Batch<T, R, U> now;
-    read_step<T, R, U>(s, i % s.stages, ring, now);
-    multiply_batch<T, M, R, U>(now, pairs, inv, s, now_b, acc);
-    if (now_b + 1 == s.lane_batches) {
-      const int row0 = now_tile * kWarps * R + (threadIdx.x / 32) * R;
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-#pragma unroll
-        for (int m = 0; m < M; ++m) {
-          float v = acc[r][m];
-#pragma unroll
-          for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
-          v *= scale[m];
-          acc[r][m] = 0.f;
-          const int row = row0 + r;
-          if (lane == 0 && row < s.N) {
-            if (bias != nullptr) v += to_float(bias[row]);
-            y[static_cast<int64_t>(m) * s.N + row] = from_float<T>(v);
-          }
-        }
-      }
-    }
-    __syncwarp();   // the stage read here is the one the next iteration refills
-    next_step(s, now_tile, now_b);
-  }
-  wait_copies(0);
-}
-
 // The tiles the defaults pick for one or two rows of x keep two blocks per SM (at most 128
 // registers a thread).
-// The tiles whose async (shared-memory ring) kernel is built: those the defaults pick.
-template <int M, int R, int U>
-constexpr bool kRingBuilt = (M == 1 && ((R == 2 && U == 4) || (R == 1 && U == 4) ||
-                                        (R == 2 && U == 2))) ||
-                            (M == 2 && R == 1 && U == 4) || (M >= 3 && R == 2 && U == 4);
-
-template <typename T, int M, int R, int U, bool kRing>
+template <typename T, int M, int R, int U>
 __global__ void __launch_bounds__(kThreads, (M == 1 && R * U <= 8) || (M == 2 && R * U <= 4) ? 2 : 1)
     int4_gemv_kernel(const T* __restrict__ x, const int* __restrict__ perm,
                      const uint4* __restrict__ w, const T* __restrict__ scales,
@@ -620,31 +462,7 @@ __global__ void __launch_bounds__(kThreads, (M == 1 && R * U <= 8) || (M == 2 &&
   extern __shared__ uint4 smem[];
   uint4* pairs = smem;                                           // [M][4][chunks]
   float* inv = reinterpret_cast<float*>(smem + M * 4 * s.chunks);  // [M][chunks]
-  __shared__ NormPartials<M> partials;
 
-  if constexpr (kRing) {
-    // The async path: stages - 1 steps' copies go out before x is staged, then one more before
-    // each step is multiplied, so stages steps' weights are in flight per thread.
-    Ring<T, R, U> ring;
-    ring.w = smem + M * 4 * s.chunks + (M * s.chunks + 3) / 4;
-    ring.sz = reinterpret_cast<T*>(ring.w + static_cast<int64_t>(s.stages) * R * U * kThreads);
-    int tile = blockIdx.x, b = 0;
-    for (int d = 0; d < s.stages - 1; ++d) {
-      if (tile < s.tiles) copy_step<T, R, U>(w, scales, zeros, s, tile, b, d, ring);
-      commit_copies();
-      next_step(s, tile, b);
-    }
-#if __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.launch_dependents;");
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-    stage_x<T, M>(x, perm, s, p, x_aligned, pairs, inv, partials);
-    __syncthreads();
-    float scale[M];
-    row_scales<T, M>(p, s, partials, scale);
-    ring_steps<T, M, R, U>(w, scales, zeros, bias, y, pairs, inv, s, ring, tile, b, scale);
-    write_sum<T, M>(x, s, p, x_aligned);
-  } else {
   // The block's row tiles are one sequence of (tile, batch) steps. The first loads go out before
   // x is staged, each later one before the step ahead of it is multiplied (two buffers in turn).
   int tile = blockIdx.x, b = 0;
@@ -661,6 +479,7 @@ __global__ void __launch_bounds__(kThreads, (M == 1 && R * U <= 8) || (M == 2 &&
   asm volatile("griddepcontrol.launch_dependents;");
   asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
+  __shared__ NormPartials<M> partials;
   stage_x<T, M>(x, perm, s, p, x_aligned, pairs, inv, partials);
   __syncthreads();
   float scale[M];
@@ -677,7 +496,6 @@ __global__ void __launch_bounds__(kThreads, (M == 1 && R * U <= 8) || (M == 2 &&
                           scale)) {
   }
   write_sum<T, M>(x, s, p, x_aligned);
-  }
 }
 
 int device_attribute(cudaDeviceAttr attr) {
@@ -700,7 +518,7 @@ struct Options {
   const int* perm = nullptr;
   const T* bias = nullptr;
   Prologue<T> prologue;
-  int group_size = 0, blocks_per_sm = 2, prefetch = 0, stages = 0;
+  int group_size = 0, blocks_per_sm = 2, prefetch = 0;
   bool pdl = false;
 };
 
@@ -721,25 +539,9 @@ void launch(const torch::Tensor& x, const torch::Tensor& w_q, const torch::Tenso
   s.lane_batches = (lane_chunks + U - 1) / U;
   s.tiles = (s.N + kWarps * R - 1) / (kWarps * R);
   s.stride_xm = x.stride(0);
-  // The async path takes a batch's groups of a row in 16-byte pieces: a power-of-two group of
-  // chunks dividing the batch, whole pieces per batch and per row, 16-byte aligned arrays.
-  constexpr int kPiece = 16 / sizeof(T);
-  s.group_batch = s.group_shift >= 0 ? (U * 32) >> s.group_shift : 0;
-  const bool ring_fits = s.group_batch > 0 && s.group_batch % kPiece == 0 && s.G % kPiece == 0 &&
-                         aligned16(scales.data_ptr()) && aligned16(zeros.data_ptr());
-  s.stages = kRingBuilt<M, R, U> && ring_fits ? o.stages : 0;
   const int grid = min(s.tiles, device_attribute(cudaDevAttrMultiProcessorCount) * o.blocks_per_sm);
-  size_t smem = static_cast<size_t>(M) * s.chunks * 4 * sizeof(uint4) +
-                (static_cast<size_t>(M) * s.chunks + 3) / 4 * sizeof(uint4);
-  smem += static_cast<size_t>(s.stages) * ring_stage_bytes<T, R, U>(s.group_batch);
-  auto kernel = int4_gemv_kernel<T, M, R, U, false>;
-  if constexpr (kRingBuilt<M, R, U>) {
-    if (s.stages > 0) kernel = int4_gemv_kernel<T, M, R, U, true>;
-  }
-  if (s.stages > 0) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                        static_cast<int>(cudaSharedmemCarveoutMaxShared)));
-  }
+  const size_t smem = static_cast<size_t>(M) * s.chunks * (4 * sizeof(uint4) + sizeof(float));
+  auto kernel = int4_gemv_kernel<T, M, R, U>;
   if (smem > 48 * 1024) {
     const int limit = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin);
     TORCH_CHECK(smem <= static_cast<size_t>(limit), "wna16_int4_gemv: ", M, " rows of ", s.K,
@@ -818,7 +620,7 @@ void run(int R, int U, const torch::Tensor& x, const torch::Tensor& w_q,
          int64_t prologue, const std::optional<torch::Tensor>& residual,
          const std::optional<torch::Tensor>& residual_out,
          const std::optional<torch::Tensor>& norm_weight, double eps, int64_t group_size,
-         int64_t blocks_per_sm, int64_t prefetch_steps, bool pdl, int64_t stages) {
+         int64_t blocks_per_sm, int64_t prefetch_steps, bool pdl) {
   Options<T> o;
   o.perm = perm ? perm->data_ptr<int>() : nullptr;
   o.bias = data_or_null<T>(bias);
@@ -831,7 +633,6 @@ void run(int R, int U, const torch::Tensor& x, const torch::Tensor& w_q,
   o.blocks_per_sm = blocks_per_sm;
   o.prefetch = prefetch_steps;
   o.pdl = pdl;
-  o.stages = stages;
   dispatch_rows<T>(R, U, x, w_q, scales, zeros, y, o);
 }
 
@@ -845,14 +646,12 @@ torch::Tensor wna16_int4_gemv(torch::Tensor x, torch::Tensor w_q, torch::Tensor 
                               int64_t blocks_per_sm, int64_t prefetch_steps, int64_t prologue,
                               std::optional<torch::Tensor> residual,
                               std::optional<torch::Tensor> residual_out,
-                              std::optional<torch::Tensor> norm_weight, double eps, bool pdl,
-                              int64_t stages) {
+                              std::optional<torch::Tensor> norm_weight, double eps, bool pdl) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.stride(1) == 1,
               "wna16_int4_gemv: x must be a 2-D CUDA tensor with contiguous rows");
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
               "wna16_int4_gemv: x must be float16 or bfloat16");
   TORCH_CHECK(prologue >= kPlain && prologue <= kSiluAndMul, "wna16_int4_gemv: bad prologue");
-  TORCH_CHECK(stages == 0 || (stages >= 2 && stages <= 8), "wna16_int4_gemv: stages is 0 or 2-8");
   const int64_t N = w_q.size(0), K = w_q.size(1) * 8;
   TORCH_CHECK(w_q.scalar_type() == at::kInt && w_q.is_contiguous(),
               "wna16_int4_gemv: w_q must be contiguous int32 [N, K/8]");
@@ -891,11 +690,11 @@ torch::Tensor wna16_int4_gemv(torch::Tensor x, torch::Tensor w_q, torch::Tensor 
   const int R = rows_per_warp, U = loads_per_lane;
   if (x.scalar_type() == at::kHalf) {
     run<__half>(R, U, x, w_q, scales, zeros, y, perm, bias, prologue, residual, residual_out,
-                norm_weight, eps, group_size, blocks_per_sm, prefetch_steps, pdl, stages);
+                norm_weight, eps, group_size, blocks_per_sm, prefetch_steps, pdl);
   } else {
     run<__nv_bfloat16>(R, U, x, w_q, scales, zeros, y, perm, bias, prologue, residual,
                        residual_out, norm_weight, eps, group_size, blocks_per_sm, prefetch_steps,
-                       pdl, stages);
+                       pdl);
   }
   return y;
 }
@@ -909,6 +708,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("loads_per_lane") = 4, py::arg("blocks_per_sm") = 2,
         py::arg("prefetch_steps") = 0, py::arg("prologue") = 0,
         py::arg("residual") = py::none(), py::arg("residual_out") = py::none(),
-        py::arg("norm_weight") = py::none(), py::arg("eps") = 1e-6, py::arg("pdl") = false,
-        py::arg("stages") = 0);
+        py::arg("norm_weight") = py::none(), py::arg("eps") = 1e-6, py::arg("pdl") = false);
 }

@@ -76,58 +76,6 @@ def test_configs(rows, loads, blocks_per_sm, prefetch, gen):
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("m,rows,loads", [(m, r, u) for m in native.RING_BUILT
-                                          for r, u in sorted(native.RING_BUILT[m])])
-@pytest.mark.parametrize("n,k,group_size", [(4099, 2048, 128), (300, 14336, 128),
-                                            (1000, 1024, 32), (777, 4096, 64)])
-def test_shared_memory_ring_equals_register_buffers(m, rows, loads, n, k, group_size, gen):
-    """The cp.async ring (2 to 5 stages, and as many as fit) gives the register path's output
-    bit for bit: the same products in the same order. Covers a last batch past the row's end
-    (K 14336: its groups beyond G arrive zero-filled), grids that loop over tiles, and the
-    groups of 32 and 64 (more pieces per batch)."""
-    (x, w_q, scales, zeros, perm, bias), ref = operands(
-        m, n, k, 4, group_size, False, True, True, torch.bfloat16, gen)
-    on = [None if t is None else t.cuda() for t in (x, w_q, scales, zeros, perm, bias)]
-    plain = native.int4_gemv(*on[:5], group_size, on[5],
-                             config=native.NativeGemvConfig(rows, loads, 2, 0, 0))
-    assert ((plain.float().cpu() - ref).norm() / ref.norm()).item() < 5e-3
-    for blocks, stages in [(2, 2), (1, 3), (1, 5), (2, None)]:
-        cfg = native.NativeGemvConfig(rows, loads, blocks, 0, stages)
-        used = native.ring_stages(cfg, m, k, group_size, 2, native._shared_memory_per_sm(0),
-                                  native._shared_memory_limit(0))
-        if stages is not None and native.shared_memory_bytes(m, k) + stages * (
-                rows * loads * 4096 + 32 * rows * loads * 32 // (group_size // 32)) > \
-                native._shared_memory_limit(0):
-            continue
-        assert used == (stages if stages is not None else used) and used >= 2
-        out = native.int4_gemv(*on[:5], group_size, on[5], config=cfg)
-        assert torch.equal(out, plain), (blocks, stages)
-
-
-def test_ring_stages_fit_shared_memory():
-    """How many stages the ring takes: none for tiles without a ring, per-channel groups or
-    groups wider than a batch; as many as fit beside the blocks, capped; a forced count kept."""
-    per_sm, per_block = 233472, 232448            # an H100/H200
-    cfg = native.NativeGemvConfig(2, 4, 2)
-    assert native.ring_stages(cfg, 1, 4096, 128, 2, per_sm, per_block) == 3
-    assert native.ring_stages(native.NativeGemvConfig(1, 4, 2), 1, 4096, 128, 2, per_sm,
-                              per_block) == 4
-    assert native.ring_stages(native.NativeGemvConfig(2, 2, 2), 1, 14336, 128, 2, per_sm,
-                              per_block) == 4
-    assert native.ring_stages(native.NativeGemvConfig(2, 2, 3), 1, 14336, 128, 2, per_sm,
-                              per_block) == 2
-    assert native.ring_stages(native.NativeGemvConfig(4, 4, 1), 1, 4096, 128, 2, per_sm,
-                              per_block) == 0                        # no ring built
-    assert native.ring_stages(cfg, 1, 4096, 4096, 2, per_sm, per_block) == 0   # one group
-    assert native.ring_stages(cfg, 1, 4096, 1024, 2, per_sm, per_block) == 0   # 2 groups a batch
-    assert native.ring_stages(native.NativeGemvConfig(2, 4, 2, 0, 5), 1, 4096, 128, 2, per_sm,
-                              per_block) == 5
-    assert native.ring_stages(native.NativeGemvConfig(2, 4, 4), 1, 4096, 128, 2, per_sm,
-                              per_block) == 0                        # too little room
-
-
-@gpu
-@needs_cuda
 @pytest.mark.parametrize("x_gain", [1e4, 1e-4])
 def test_large_and_tiny_activations(x_gain, gen):
     """x is scaled per 32 inputs into fp16's range: |x| up to 1e4 neither overflows the fp16 sums

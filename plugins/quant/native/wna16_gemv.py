@@ -33,25 +33,17 @@ PROLOGUES = {"rms_norm": 1, "silu_and_mul": 2}      # the kernel's codes (0: pla
 
 BUILT = {1: {(1, 4), (2, 4), (1, 2), (1, 8), (2, 2), (2, 8), (4, 2), (4, 4)},
          2: {(1, 4), (2, 4)}, 3: {(1, 4), (2, 4)}, 4: {(1, 4), (2, 4)}}
-# The tiles whose shared-memory ring (stages > 0) is built (kRingBuilt in the .cu): the defaults'.
-RING_BUILT = {1: {(2, 4), (1, 4), (2, 2)}, 2: {(1, 4)}, 3: {(2, 4)}, 4: {(2, 4)}}
-MAX_STAGES = 8
 
 
 @dataclass(frozen=True)
 class NativeGemvConfig:
     """rows_per_warp rows of W per warp at once, loads_per_lane 16-byte loads of each in flight
     per lane (BUILT: the pairs compiled per M), at most blocks_per_sm blocks of 256 threads per SM
-    (each stages x once), prefetch_steps batches asked into L2 ahead of their loads.
-
-    stages: how many batches each thread has in flight through a shared-memory ring (cp.async,
-    no registers held), for the RING_BUILT tiles; 0 keeps the two register buffers; None (the
-    default) takes as many as fit beside blocks_per_sm blocks, up to LOOM_NATIVE_STAGES (4)."""
+    (each stages x once), prefetch_steps batches asked into L2 ahead of their loads."""
     rows_per_warp: int = 2
     loads_per_lane: int = 4
     blocks_per_sm: int = 2
     prefetch_steps: int = 0
-    stages: int | None = None
 
 
 @functools.cache
@@ -59,15 +51,14 @@ def default_config(n: int, k: int, m: int, sms: int) -> NativeGemvConfig:
     """From the H200 sweep (benchmarks/results/kernels_quant_gemv_native_h200_run*.json): one row
     of x takes 2 rows per warp, unless 1 row per warp splits the rows into tiles that fill the
     grid's last round better (each block handles whole tiles); long rows (K > 8192) 2 loads per
-    lane and 3 blocks per SM, or 2 with the shared-memory ring (whose stages fit only beside
-    two). Two rows of x take 1 row per warp, more take 2. ``sms``: the device's multiprocessor
-    count."""
+    lane and 3 blocks per SM. Two rows of x take 1 row per warp, more take 2. ``sms``: the
+    device's multiprocessor count."""
     if m >= 3:
         return NativeGemvConfig(2, 4, 2)
     if m == 2:
         return NativeGemvConfig(1, 4, 2)
     if k > 8192:
-        return NativeGemvConfig(2, 2, 3 if os.environ.get("LOOM_NATIVE_STAGES") == "0" else 2)
+        return NativeGemvConfig(2, 2, 3)
     return min((NativeGemvConfig(2, 4, 2), NativeGemvConfig(1, 4, 2)),
                key=lambda c: _last_round_waste(n, c, sms))
 
@@ -92,9 +83,6 @@ def check_operands(x, w_q, scales, zeros, perm, bias, group_size: int,
         raise ValueError(f"int4_gemv: no kernel built for rows_per_warp {cfg.rows_per_warp}, "
                          f"loads_per_lane {cfg.loads_per_lane} at {m} rows of x; built: "
                          f"{sorted(BUILT.get(m, ()))}")
-    if cfg.stages is not None and cfg.stages not in (0, *range(2, MAX_STAGES + 1)):
-        raise ValueError(f"int4_gemv: stages must be None, 0 or 2 to {MAX_STAGES}, got "
-                         f"{cfg.stages}")
     if cfg.blocks_per_sm < 1 or cfg.prefetch_steps < 0:
         raise ValueError(f"int4_gemv: blocks_per_sm must be >= 1 and prefetch_steps >= 0, got "
                          f"{cfg.blocks_per_sm}, {cfg.prefetch_steps}")
@@ -135,45 +123,13 @@ def _check_norm_operands(fused: FusedInput, x: torch.Tensor, m: int, k: int) -> 
 
 
 def shared_memory_bytes(m: int, k: int) -> int:
-    """x staged per block: fp16 pairs and one float per 32 inputs, per row (the floats padded
-    to 16 bytes)."""
-    chunks = m * (k // CHUNK)
-    return chunks * 4 * 16 + (chunks + 3) // 4 * 16
+    """x staged per block: fp16 pairs and one float per 32 inputs, per row."""
+    return m * (k // CHUNK) * (4 * 16 + 4)
 
 
 @functools.cache
 def _shared_memory_limit(device: int) -> int:
     return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
-
-
-@functools.cache
-def _shared_memory_per_sm(device: int) -> int:
-    props = torch.cuda.get_device_properties(device)
-    return getattr(props, "shared_memory_per_multiprocessor", props.shared_memory_per_block_optin)
-
-
-def ring_stages(cfg: NativeGemvConfig, m: int, k: int, group_size: int, element_bytes: int,
-                per_sm: int, per_block: int) -> int:
-    """The stages the kernel runs with: cfg.stages if given (0 where the ring is not built or
-    the groups do not fit it), else as many as fit beside cfg.blocks_per_sm blocks per SM
-    (per_sm bytes of shared memory, 1 KB of it reserved per block) up to LOOM_NATIVE_STAGES,
-    0 below 2. The ring takes a batch's groups of a row in 16-byte pieces (see the .cu)."""
-    r, u = cfg.rows_per_warp, cfg.loads_per_lane
-    group_chunks = min(group_size, k) // CHUNK
-    piece = 16 // element_bytes
-    if ((r, u) not in RING_BUILT.get(m, ()) or group_chunks & (group_chunks - 1)
-            or (u * CHUNK) % group_chunks):
-        return 0
-    group_batch = u * CHUNK // group_chunks
-    if group_batch % piece or (k // (group_chunks * CHUNK)) % piece:
-        return 0
-    if cfg.stages is not None:
-        return cfg.stages
-    want = int(os.environ.get("LOOM_NATIVE_STAGES", "4"))
-    stage = r * u * 256 * 16 + 8 * r * 2 * group_batch * element_bytes
-    budget = min(per_sm // cfg.blocks_per_sm - 1024, per_block) - shared_memory_bytes(m, k)
-    stages = min(want, MAX_STAGES, budget // stage)
-    return stages if stages >= 2 else 0
 
 
 def _flag(name: str) -> bool:
@@ -244,11 +200,8 @@ def int4_gemv(x: torch.Tensor | FusedInput, w_q: torch.Tensor, scales: torch.Ten
         raise ValueError(f"int4_gemv takes 1 to {MAX_M} rows of x, got {x.shape[0]}")
     check_operands(x, w_q, scales, zeros, perm, bias, group_size, cfg, fused)
     norm = fused is not None and fused.op == "rms_norm"
-    device = x.device.index or 0
-    stages = ring_stages(cfg, x.shape[0], w_q.shape[1] * 8, group_size, x.element_size(),
-                         _shared_memory_per_sm(device), _shared_memory_limit(device))
     return _module().wna16_int4_gemv(
         x, w_q, scales, zeros, perm, bias, group_size, cfg.rows_per_warp, cfg.loads_per_lane,
         cfg.blocks_per_sm, cfg.prefetch_steps, PROLOGUES[fused.op] if fused else 0,
         fused.residual if norm else None, fused.residual_out if norm else None,
-        fused.weight if norm else None, float(fused.eps) if norm else 0.0, pdl(x.device), stages)
+        fused.weight if norm else None, float(fused.eps) if norm else 0.0, pdl(x.device))
