@@ -56,58 +56,6 @@ def kernel_us(llm: LLM, prompts, max_tokens: int) -> dict[str, float]:
     return totals
 
 
-def step_kernels(llm: LLM, prompts, steps: int) -> list[list[tuple[str, float, float]]]:
-    """The decode steps of a generate of 1 + steps tokens, each the list of its kernels as (name,
-    time, idle gap before it) in us; the time counts from the previous kernel's end where it
-    started earlier (a programmatic dependent launch), so times and gaps add up to the step. A gap over 50 us (the host between steps) starts a step; the
-    steps whose kernel count is the most common one are kept (the prefill differs)."""
-    params = SamplingParams(temperature=0, max_tokens=1 + steps, ignore_eos=True)
-    llm.generate(prompts, params, use_tqdm=False)
-    sync()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        llm.generate(prompts, params, use_tqdm=False)
-        sync()
-    kernels = sorted((e.time_range.start, e.time_range.end, e.name[:60]) for e in prof.events()
-                     if e.device_type == torch.autograd.DeviceType.CUDA)
-    found, last_end = [], None
-    for start, end, name in kernels:
-        gap = None if last_end is None else start - last_end
-        if gap is None or gap > 50:
-            found.append([])
-            gap = 0.0
-        found[-1].append((name, end - max(start, last_end or start), max(gap, 0.0)))
-        last_end = end if last_end is None else max(last_end, end)
-    common = collections.Counter(len(k) for k in found).most_common(1)[0][0]
-    return [k for k in found if len(k) == common]
-
-
-def timeline(llm: LLM, prompts, steps: int) -> dict:
-    """Where a decode step's time goes, kernel by kernel, on the device's own clock: each
-    kernel's time and the idle gap before it, averaged over steps; and, for the repeating part
-    (the layers), averaged over layers by position in the layer."""
-    found = step_kernels(llm, prompts, steps)
-    n = len(found[0])
-    mean = [(found[0][i][0], sum(s[i][1] for s in found) / len(found),
-             sum(s[i][2] for s in found) / len(found)) for i in range(n)]
-    names = [m[0] for m in mean]
-    middle = range(n // 4, n // 2)
-    period = next((p for p in range(2, n // 4) if all(names[i] == names[i + p] for i in middle)),
-                  None)
-    layer = []
-    if period:
-        reps = [i for i in range(n) if all(names[i + o] == names[n // 4 + o] for o in range(period))
-                and i + period <= n]
-        for o in range(period):
-            layer.append({"kernel": names[n // 4 + o],
-                          "us": round(sum(mean[i + o][1] for i in reps) / len(reps), 2),
-                          "gap_before_us": round(sum(mean[i + o][2] for i in reps) / len(reps), 2)})
-    return {"steps": len(found), "kernels_per_step": n,
-            "busy_us": round(sum(m[1] for m in mean), 1), "gaps_us": round(sum(m[2] for m in mean), 1),
-            "layers": len(reps) if period else 0, "per_layer": layer,
-            "step": [{"kernel": k, "us": round(t, 2), "gap_before_us": round(g, 2)}
-                     for k, t, g in mean]}
-
-
 def step_ms(llm: LLM, prompts, n: int) -> float:
     """Wall time per decode step: generate 1 + n tokens minus generate 1, over n."""
     def timed(tokens):
@@ -132,8 +80,6 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--graphs", action="store_true",
                     help="profile the graph-replayed steps instead of eager ones")
-    ap.add_argument("--timeline", action="store_true",
-                    help="with --graphs: kernel time and the idle gap before each kernel, by name")
     ap.add_argument("--json")
     args = ap.parse_args()
     values = read_yaml(args.config)
@@ -156,19 +102,6 @@ def main() -> None:
         llm = LLM(model, **{**values, "enforce-eager": True})
         figures["eager_step_ms"] = step_ms(llm, prompts, args.steps)
     figures["profiled"] = "graph replays" if args.graphs else "eager steps"
-    if args.timeline:
-        t = figures["timeline"] = timeline(llm, prompts, args.steps)
-        print(f"timeline ({figures['profiled']}, {t['steps']} steps of {t['kernels_per_step']} "
-              f"kernels): {t['busy_us']} us busy + {t['gaps_us']} us gaps per step; one layer "
-              f"of {t['layers']}:")
-        for r in t["per_layer"]:
-            print(f"  {r['us']:8.2f} us  gap {r['gap_before_us']:6.2f} us  {r['kernel']}")
-        print("  outside the layers:")
-        outside = t["step"][:3] + t["step"][-6:]
-        for r in outside:
-            print(f"  {r['us']:8.2f} us  gap {r['gap_before_us']:6.2f} us  {r['kernel']}")
-        write_json(args, values, figures)
-        return
     kernel_us(llm, prompts, 2)                                   # warm-up
     base = kernel_us(llm, prompts, 1)
     full = kernel_us(llm, prompts, 1 + args.steps)
@@ -183,10 +116,6 @@ def main() -> None:
           f"kernels {total / 1e3:.3f} ms per step ({figures['profiled']})")
     for r in figures["kernels"][:args.top]:
         print(f"  {r['us']:9.1f} us  {100 * r['share']:5.1f}%  {r['kernel']}")
-    write_json(args, values, figures)
-
-
-def write_json(args, values: dict, figures: dict) -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"benchmark": "decode_profile", "commit": git_commit(),

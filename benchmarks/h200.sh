@@ -135,16 +135,6 @@ with tarfile.open('$OUT/flashinfer-jit.tar.xz', 'w:xz') as t:
           --json "$OUT/decode_profile_b${b}${PROFILE_TAG:-}.json" 2>&1 | grep -v "^\[\|USDT" | tail -32
       done
       ;;
-    timeline)
-      # Graph-replayed decode steps kernel by kernel: time and the idle gap before each
-      # (TIMELINE_CFGS: configs/*.yaml names).
-      for c in ${TIMELINE_CFGS:-llama3-8b-gptq llama3-8b}; do
-        log "decode timeline batch 1: $c"
-        timeout ${TIMELINE_TIMEOUT:-240} python3 benchmarks/decode_profile.py --config configs/$c.yaml --graphs \
-          --timeline --steps ${TIMELINE_STEPS:-16} --json "$OUT/decode_timeline_b1_$c.json" 2>&1 \
-          | grep -v "^\[\|USDT" | tail -40
-      done
-      ;;
     ncu-gemv)
       # Hardware counters of the four native int4 GEMVs of a Llama-3-8B layer (one launch each).
       log "ncu: native int4 GEMVs"
