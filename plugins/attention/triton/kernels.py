@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from loom.plugins.ops.triton import pdl
+from loom import pdl
 
 LOG2_E = 1.4426950408889634
 FP16_QUERY_DTYPES = (torch.bfloat16, torch.float16)

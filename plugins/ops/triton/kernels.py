@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from loom.attention import is_fp8
-from loom.plugins.ops.triton import pdl
+from loom import pdl
 from loom.quant import QuantizedInput
 
 SILU_BLOCK = 1024   # columns per silu_and_mul program

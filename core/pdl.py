@@ -1,4 +1,5 @@
-"""Programmatic dependent launch (PDL) for the Triton kernels of a decode step.
+"""Programmatic dependent launch (PDL) for the Triton kernels of a decode step (the fused ops'
+and the triton attention backend's, which share this helper rather than import each other).
 
 A kernel launched with ``launch_pdl`` may start while the kernel before it in the stream is still
 running; it must call ``gdc_wait`` before it reads anything that kernel wrote (or writes anything
