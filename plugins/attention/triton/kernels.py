@@ -12,7 +12,7 @@ softmax scale and v_scale into the output, which equals dequantizing each value 
 Rows of a program's query tile are (token, query head) pairs of one KV head's group, so every
 K/V tile is loaded once per group. Softmax runs online in base 2, accumulating in fp32.
 Plain Triton 3.x language only (run on triton 3.6 on an H200 and 3.9's interpreter); the decode
-kernels launch as programmatic dependents where the ops plugin's pdl.enabled says so.
+kernels launch as programmatic dependents where loom.pdl.enabled says so.
 """
 from __future__ import annotations
 

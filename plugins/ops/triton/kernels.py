@@ -16,8 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from loom.attention import is_fp8
 from loom import pdl
+from loom.attention import is_fp8
 from loom.quant import QuantizedInput
 
 SILU_BLOCK = 1024   # columns per silu_and_mul program
@@ -243,6 +243,12 @@ def rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
 
 
 @triton.jit
+def _fp8_range(x, scale, fp8_max):
+    """x / scale in fp32, clamped to the fp8 range (the cache's dtype rounds it on store)."""
+    return tl.minimum(tl.maximum(x.to(tl.float32) / scale, -fp8_max), fp8_max)
+
+
+@triton.jit
 def _rotary_write_kv_kernel(pos_ptr, q_ptr, k_ptr, v_ptr, rope_ptr, rope_stride, cache_ptr,
                             slot_ptr, k_scale, v_scale, fp8_max, q_heads,
                             q_st, q_sh, k_st, k_sh, v_st, v_sh,
@@ -272,10 +278,8 @@ def _rotary_write_kv_kernel(pos_ptr, q_ptr, k_ptr, v_ptr, rope_ptr, rope_stride,
     k1, k2 = _rotated(tl.load(k, mask=mask), tl.load(k + HALF, mask=mask), cos, sin)
     v1, v2 = tl.load(v, mask=mask), tl.load(v + HALF, mask=mask)
     if FP8:
-        k1 = tl.minimum(tl.maximum(k1.to(tl.float32) / k_scale, -fp8_max), fp8_max)
-        k2 = tl.minimum(tl.maximum(k2.to(tl.float32) / k_scale, -fp8_max), fp8_max)
-        v1 = tl.minimum(tl.maximum(v1.to(tl.float32) / v_scale, -fp8_max), fp8_max)
-        v2 = tl.minimum(tl.maximum(v2.to(tl.float32) / v_scale, -fp8_max), fp8_max)
+        k1, k2 = _fp8_range(k1, k_scale, fp8_max), _fp8_range(k2, k_scale, fp8_max)
+        v1, v2 = _fp8_range(v1, v_scale, fp8_max), _fp8_range(v2, v_scale, fp8_max)
     dst = (cache_ptr + (slot // BLOCK_SIZE) * c_stride_block + (slot % BLOCK_SIZE) * c_stride_off
            + h * c_stride_h + d)
     out_type = cache_ptr.dtype.element_ty
@@ -326,8 +330,7 @@ def _write_kv_kernel(k_ptr, v_ptr, cache_ptr, slot_ptr, k_scale, v_scale, fp8_ma
     k = tl.load(k_ptr + token * k_stride_t + h * k_stride_h + d, mask=mask)
     v = tl.load(v_ptr + token * v_stride_t + h * v_stride_h + d, mask=mask)
     if FP8:
-        k = tl.minimum(tl.maximum(k.to(tl.float32) / k_scale, -fp8_max), fp8_max)
-        v = tl.minimum(tl.maximum(v.to(tl.float32) / v_scale, -fp8_max), fp8_max)
+        k, v = _fp8_range(k, k_scale, fp8_max), _fp8_range(v, v_scale, fp8_max)
     dst = (cache_ptr + (slot // BLOCK_SIZE) * c_stride_block + (slot % BLOCK_SIZE) * c_stride_off
            + h * c_stride_h + d)
     tl.store(dst, k.to(cache_ptr.dtype.element_ty), mask=mask)
