@@ -187,7 +187,7 @@ with tarfile.open('$OUT/flashinfer-jit.tar.xz', 'w:xz') as t:
         log "latency batch 1, 128 in / 256 out: $c ${envs}"
         env ${envs//,/ } loom --log-level WARNING bench latency --config configs/$c.yaml --batch-size 1 \
           --input-len 128 --output-len 256 --num-iters 3 --num-iters-warmup 1 \
-          --json "$OUT/latency_b1_$tag.json" 2>&1 | tail -4
+          --json "$OUT/latency_b1_$tag.json" 2>&1 | tail -5
       done
       ;;
     *) echo "unknown phase $phase"; exit 2 ;;

@@ -16,7 +16,7 @@ import torch
 from loom.bench import spec_decode
 from loom.bench.common import (Run, Target, add_result_args, copy_bandwidth, format_table, greedy,
                                ms, random_prompts, ratio, require_positive, run_requests,
-                               start_engine, startup_line, summarize, write_record)
+                               start_engine, startup_line, step_profile, summarize, write_record)
 from loom.config import EngineConfig
 
 NAME = "latency"
@@ -77,6 +77,12 @@ def main(config: EngineConfig, args: argparse.Namespace) -> int:
     write_record(NAME, config, args, target, figures)
     print(startup_line(figures["startup"]))
     print(table(figures["batches"]))
+    for b in figures["batches"]:
+        if b.get("device_step_ms") and b.get("decode_device_wait_share") is not None:
+            d = b["device_step_ms"]
+            print(f"batch {b['batch_size']}: decode graph replayed back to back {d['graph']:.3f} "
+                  f"ms, with logits and argmax {d['graph_logits_argmax']:.3f} ms; the host waited "
+                  f"for the device {b['decode_device_wait_share']:.0%} of the decode steps")
     return 0
 
 
@@ -94,6 +100,9 @@ def run_loom(config: EngineConfig, args: argparse.Namespace) -> tuple[dict, Targ
         timed = runs[args.num_iters_warmup:]
         batches[batch_size] = {"batch_size": batch_size, **figures_of(timed, batch_size,
                                                                        args.output_len)}
+        device = device_step(engine, batch_size)
+        if device is not None:
+            batches[batch_size]["device_step_ms"] = device
     engine.shutdown()
     return batches, target, target.startup(first_token)
 
@@ -102,11 +111,44 @@ def figures_of(runs: list[Run], batch_size: int, output_len: int) -> dict:
     e2e = [r.e2e for r in runs]
     decode = [d for r in runs for d in r.decode_steps]
     step = statistics.median(decode) if decode else None
+    waits = step_profile([rec for r in runs for rec in r.records]).get("decode_only")
     return {"e2e_ms": summarize(ms(e2e)),
             "prefill_ms": summarize(ms([r.prefill for r in runs])),
             "decode_step_ms": step * 1e3 if step else None,
             "decode_tok_s": batch_size / step if step else None,
-            "output_tok_s": batch_size * output_len / statistics.median(e2e)}
+            "output_tok_s": batch_size * output_len / statistics.median(e2e),
+            "decode_device_wait_share": waits["device_wait_share"] if waits else None}
+
+
+def device_step(engine, batch_size: int, steps: int = 50) -> dict | None:
+    """The device's own time per decode step, with no host work between steps: the batch's
+    decode graph replayed back to back ("graph"), and with the logits and argmax after each
+    replay as a greedy step launches them ("graph_logits_argmax"). Against decode_step_ms it
+    shows how much of a step the host adds. None without CUDA graphs in this process."""
+    runner = getattr(engine.core.executor, "runner", None)
+    graphs = getattr(runner, "graphs", None)
+    if graphs is None or runner.device.type != "cuda" or batch_size > graphs.max_size:
+        return None
+    size = next(s for s in graphs.sizes if s >= batch_size)
+    graph, out, _ = graphs.graphs[size]
+    graphs.slot_mapping.fill_(-1)        # the replays write no KV (the blocks are free now)
+
+    def with_logits():
+        graph.replay()
+        runner.model.compute_logits(out[:batch_size]).argmax(dim=-1)
+
+    figures = {}
+    with torch.inference_mode():
+        for name, fn in (("graph", graph.replay), ("graph_logits_argmax", with_logits)):
+            fn()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(steps):
+                fn()
+            end.record()
+            end.synchronize()
+            figures[name] = start.elapsed_time(end) / steps
+    return figures
 
 
 def roofline(weight_bytes: int, bandwidth: float, measured: dict) -> dict:
