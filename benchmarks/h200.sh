@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs on the lent H200 (device tool) from the repository root:
 #   bash benchmarks/h200.sh PHASE [PHASE ...]
-# Phases: install, test, kernels, latency, throughput, compare, quant, serve;
+# Phases: install, test, kernels, latency, throughput, compare, quant, serve, ablation;
 #   attn-setup, attn-test, attn-kernels, attn-e2e, attn-keep (FlashInfer / FlashAttention: carry .gpu).
 # Logs and JSON results go to $OUT (fetched back) and benchmarks/results/.
 set -uo pipefail
@@ -188,6 +188,14 @@ with tarfile.open('$OUT/flashinfer-jit.tar.xz', 'w:xz') as t:
         env ${envs//,/ } loom --log-level WARNING bench latency --config configs/$c.yaml --batch-size 1 \
           --input-len 128 --output-len 256 --num-iters 3 --num-iters-warmup 1 \
           --json "$OUT/latency_b1_$tag.json" 2>&1 | tail -5
+      done
+      ;;
+    ablation)
+      # In-graph cost of the decode step's parts at batch 1 (benchmarks/decode_ablation.py).
+      for c in ${ABLATION_CONFIGS:-llama3-8b-gptq llama3-8b}; do
+        log "decode ablation: $c"
+        python3 benchmarks/decode_ablation.py --config configs/$c.yaml \
+          --json "$OUT/decode_ablation_$c.json" 2>&1 | grep -v "^\[" | tail -12
       done
       ;;
     *) echo "unknown phase $phase"; exit 2 ;;

@@ -1,0 +1,134 @@
+"""What each part of a decode step costs inside the replayed graph: the batch-1 decode graph is
+captured again with a part left out, and replayed back to back (device time only, no host).
+
+Parts: "attention" (the rotary, the KV-cache write and the attention itself: forward_rotary
+returns q), "linears" (every Linear returns an empty tensor: no GEMV/GEMM, nor the norm or
+SiLU-and-mul a fused int4 GEMV would apply), both, and the attention without its split-KV
+reduction (one split). The profiler sees no kernels inside graph replays here, so leaving parts
+out is how their in-graph cost shows: the full step minus the step without the part.
+
+    python benchmarks/decode_ablation.py --config configs/llama3-8b-gptq.yaml --json X.json
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+
+import torch
+
+from loom import LLM
+from loom.bench.common import git_commit
+from loom.config import read_yaml
+from loom.cuda_graphs import DecodeGraphs
+from loom.models.layers import Linear
+from loom.quant import FusedInput
+
+
+@contextlib.contextmanager
+def without_attention(backend):
+    backend.forward_rotary = lambda positions, rotary_emb, q, k, v, kv_cache, metadata: q
+    try:
+        yield
+    finally:
+        del backend.forward_rotary
+
+
+@contextlib.contextmanager
+def without_linears():
+    def empty(self, x):
+        t = x.x if isinstance(x, FusedInput) else x
+        return torch.empty(t.shape[0], self.output_size, dtype=t.dtype, device=t.device)
+    original = Linear.forward
+    Linear.forward = empty
+    try:
+        yield
+    finally:
+        Linear.forward = original
+
+
+@contextlib.contextmanager
+def one_split(backend):
+    saved = backend.kv_splits
+    backend.kv_splits = 1
+    try:
+        yield
+    finally:
+        backend.kv_splits = saved
+
+
+def step_ms(runner, context_len: int, steps: int) -> float:
+    """A batch-1 decode graph captured now, replayed back to back at context_len: ms each."""
+    graphs = DecodeGraphs(runner, [1])
+    graphs.capture()
+    blocks = -(-context_len // runner.block_size)
+    graphs.seq_lens[0] = context_len
+    graphs.block_tables[0, :blocks] = torch.arange(blocks, dtype=torch.int32)
+    graphs.positions[0] = context_len - 1
+    graphs.slot_mapping.fill_(-1)
+    graph = graphs.graphs[1][0]
+    for _ in range(5):
+        graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(steps):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    del graphs
+    return start.elapsed_time(end) / steps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default="configs/llama3-8b.yaml")
+    ap.add_argument("--context-len", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    values = read_yaml(args.config)
+    model = values.pop("model")
+    llm = LLM(model, **{**values, "cuda-graph-sizes": [1]})
+    runner = llm.engine.core.executor.runner
+    backend = runner.attn
+    num_layers = len(runner.model.model.layers)
+    variants = {
+        "full": [],
+        "no_attention": [lambda: without_attention(backend)],
+        "no_linears": [without_linears],
+        "no_attention_no_linears": [lambda: without_attention(backend), without_linears],
+        "one_kv_split": [lambda: one_split(backend)],
+    }
+    figures = {}
+    with torch.inference_mode():
+        for name, patches in variants.items():
+            with contextlib.ExitStack() as stack:
+                for patch in patches:
+                    stack.enter_context(patch())
+                figures[name] = step_ms(runner, args.context_len, args.steps)
+    full = figures["full"]
+    parts = {
+        "attention": full - figures["no_attention"],
+        "linears": full - figures["no_linears"],
+        "rest": figures["no_attention_no_linears"],
+        "split_reduction": full - figures["one_kv_split"],
+    }
+    per_layer = {k: v * 1e3 / num_layers for k, v in parts.items()}
+    print(f"{args.config}, batch 1, context {args.context_len}: step {full:.3f} ms")
+    for name, ms in figures.items():
+        print(f"  {name:26s} {ms:.3f} ms")
+    for name, us in per_layer.items():
+        print(f"  {name:26s} {us:6.1f} us a layer (full minus the step without it)"
+              if name != "rest" else f"  {name:26s} {us:6.1f} us a layer (neither)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"benchmark": "decode_ablation", "commit": git_commit(),
+                       "device": torch.cuda.get_device_name(),
+                       "command": ["python", "benchmarks/decode_ablation.py", *sys.argv[1:]],
+                       "context_len": args.context_len, "step_ms": figures,
+                       "us_per_layer": per_layer}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
