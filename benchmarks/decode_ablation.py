@@ -1,11 +1,13 @@
-"""What each part of a decode step costs inside the replayed graph: the batch-1 decode graph is
-captured again with a part left out, and replayed back to back (device time only, no host).
+"""What each part of a decode step costs inside the replayed graph: a batch-1 decode graph is
+captured again with a part left out, and replayed back to back (device time only).
 
 Parts: "attention" (the rotary, the KV-cache write and the attention itself: forward_rotary
-returns q), "linears" (every Linear returns an empty tensor: no GEMV/GEMM, nor the norm or
-SiLU-and-mul a fused int4 GEMV would apply), both, and the attention without its split-KV
-reduction (one split). The profiler sees no kernels inside graph replays here, so leaving parts
-out is how their in-graph cost shows: the full step minus the step without the part.
+returns q), each linear of the layers (it returns an empty tensor: no GEMV/GEMM, nor the norm or
+SiLU-and-mul a fused int4 GEMV would apply), all of them, and the split-KV reduction (one split
+instead). The profiler sees no kernels inside graph replays here, so leaving parts out is how
+their in-graph cost shows: the full step minus the step without the part. One graph holds
+--repeat forwards: launching a graph costs the H200's host about 0.7 ms (run 50), so a graph of
+one short forward would time the host.
 
     python benchmarks/decode_ablation.py --config configs/llama3-8b-gptq.yaml --json X.json
 """
@@ -36,12 +38,16 @@ def without_attention(backend):
 
 
 @contextlib.contextmanager
-def without_linears():
-    def empty(self, x):
+def without_linears(suffix: str = ""):
+    """Linears whose prefix ends with ``suffix`` (all: "") return an empty tensor."""
+    original = Linear.forward
+
+    def maybe_empty(self, x):
+        if not self.prefix.endswith(suffix):
+            return original(self, x)
         t = x.x if isinstance(x, FusedInput) else x
         return torch.empty(t.shape[0], self.output_size, dtype=t.dtype, device=t.device)
-    original = Linear.forward
-    Linear.forward = empty
+    Linear.forward = maybe_empty
     try:
         yield
     finally:
@@ -58,17 +64,25 @@ def one_split(backend):
         backend.kv_splits = saved
 
 
-def step_ms(runner, context_len: int, steps: int) -> float:
-    """A batch-1 decode graph captured now, replayed back to back at context_len: ms each."""
+def step_ms(runner, context_len: int, steps: int, repeat: int) -> float:
+    """ms per batch-1 decode forward at context_len: a graph of `repeat` forwards captured now
+    (over DecodeGraphs' buffers, no KV written), replayed back to back."""
     graphs = DecodeGraphs(runner, [1])
-    graphs.capture()
     blocks = -(-context_len // runner.block_size)
     graphs.seq_lens[0] = context_len
     graphs.block_tables[0, :blocks] = torch.arange(blocks, dtype=torch.int32)
     graphs.positions[0] = context_len - 1
     graphs.slot_mapping.fill_(-1)
-    graph = graphs.graphs[1][0]
-    for _ in range(5):
+    metadata = runner.attn.build_graph_metadata(
+        graphs._common(1, torch.full((1,), context_len, dtype=torch.int32), None))
+    platform = runner.platform
+    graph = platform.make_graph()
+    with platform.graph_capture() as stream:
+        graphs._forward(1, metadata)
+        with platform.capture(graph, None, stream):
+            for _ in range(repeat):
+                graphs._forward(1, metadata)
+    for _ in range(3):
         graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -76,15 +90,16 @@ def step_ms(runner, context_len: int, steps: int) -> float:
         graph.replay()
     end.record()
     end.synchronize()
-    del graphs
-    return start.elapsed_time(end) / steps
+    del graph, graphs
+    return start.elapsed_time(end) / steps / repeat
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="configs/llama3-8b.yaml")
     ap.add_argument("--context-len", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--repeat", type=int, default=8, help="forwards per captured graph")
     ap.add_argument("--json")
     args = ap.parse_args()
     values = read_yaml(args.config)
@@ -96,6 +111,8 @@ def main() -> None:
     variants = {
         "full": [],
         "no_attention": [lambda: without_attention(backend)],
+        **{f"no_{name}": [lambda name=name: without_linears(name)]
+           for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")},
         "no_linears": [without_linears],
         "no_attention_no_linears": [lambda: without_attention(backend), without_linears],
         "one_kv_split": [lambda: one_split(backend)],
@@ -106,27 +123,24 @@ def main() -> None:
             with contextlib.ExitStack() as stack:
                 for patch in patches:
                     stack.enter_context(patch())
-                figures[name] = step_ms(runner, args.context_len, args.steps)
+                figures[name] = step_ms(runner, args.context_len, args.steps, args.repeat)
     full = figures["full"]
-    parts = {
-        "attention": full - figures["no_attention"],
-        "linears": full - figures["no_linears"],
-        "rest": figures["no_attention_no_linears"],
-        "split_reduction": full - figures["one_kv_split"],
-    }
+    parts = {name[3:]: full - ms for name, ms in figures.items() if name.startswith("no_")}
+    parts["rest"] = figures["no_attention_no_linears"]
+    parts["split_reduction"] = full - figures["one_kv_split"]
     per_layer = {k: v * 1e3 / num_layers for k, v in parts.items()}
     print(f"{args.config}, batch 1, context {args.context_len}: step {full:.3f} ms")
     for name, ms in figures.items():
         print(f"  {name:26s} {ms:.3f} ms")
     for name, us in per_layer.items():
-        print(f"  {name:26s} {us:6.1f} us a layer (full minus the step without it)"
-              if name != "rest" else f"  {name:26s} {us:6.1f} us a layer (neither)")
+        print(f"  {name:26s} {us:6.1f} us a layer " +
+              ("(neither attention nor linears)" if name == "rest" else "(full minus without)"))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"benchmark": "decode_ablation", "commit": git_commit(),
                        "device": torch.cuda.get_device_name(),
                        "command": ["python", "benchmarks/decode_ablation.py", *sys.argv[1:]],
-                       "context_len": args.context_len, "step_ms": figures,
+                       "context_len": args.context_len, "repeat": args.repeat, "step_ms": figures,
                        "us_per_layer": per_layer}, f, indent=1)
 
 
