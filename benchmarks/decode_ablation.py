@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 
 import torch
@@ -24,7 +25,7 @@ from loom import LLM
 from loom.bench.common import git_commit
 from loom.config import read_yaml
 from loom.cuda_graphs import DecodeGraphs
-from loom.models.layers import Linear
+from loom.models.layers import Linear, RowParallelLinear
 from loom.quant import FusedInput
 
 
@@ -40,18 +41,22 @@ def without_attention(backend):
 @contextlib.contextmanager
 def without_linears(suffix: str = ""):
     """Linears whose prefix ends with ``suffix`` (all: "") return an empty tensor."""
-    original = Linear.forward
+    originals = {cls: cls.__dict__["forward"] for cls in (Linear, RowParallelLinear)}
 
-    def maybe_empty(self, x):
-        if not self.prefix.endswith(suffix):
-            return original(self, x)
-        t = x.x if isinstance(x, FusedInput) else x
-        return torch.empty(t.shape[0], self.output_size, dtype=t.dtype, device=t.device)
-    Linear.forward = maybe_empty
+    def patched(original):
+        def maybe_empty(self, x):
+            if not self.prefix.endswith(suffix):
+                return original(self, x)
+            t = x.x if isinstance(x, FusedInput) else x
+            return torch.empty(t.shape[0], self.output_size, dtype=t.dtype, device=t.device)
+        return maybe_empty
+    for cls, original in originals.items():
+        cls.forward = patched(original)
     try:
         yield
     finally:
-        Linear.forward = original
+        for cls, original in originals.items():
+            cls.forward = original
 
 
 @contextlib.contextmanager
@@ -94,12 +99,43 @@ def step_ms(runner, context_len: int, steps: int, repeat: int) -> float:
     return start.elapsed_time(end) / steps / repeat
 
 
+def apply_setting(setting: str, runner) -> None:
+    """Environment knobs "K=V,K=V" ("default": none) for the next captures; the layers' cached
+    L2 prefetch plans are dropped so that they follow LOOM_NATIVE_L2_PREFETCH_MB."""
+    for key in SETTING_KEYS:
+        os.environ.pop(key, None)
+    if setting != "default":
+        for item in setting.split(","):
+            key, _, value = item.partition("=")
+            SETTING_KEYS.add(key)
+            os.environ[key] = value
+    for module in runner.model.modules():
+        module.__dict__.pop("_l2_plan", None)
+
+
+SETTING_KEYS: set[str] = set()
+
+
+def breakdown(figures: dict, num_layers: int) -> dict:
+    """us a layer of each part left out: the full step minus the step without it."""
+    full = figures["full"]
+    parts = {name[3:]: full - ms for name, ms in figures.items() if name.startswith("no_")}
+    if "no_attention_no_linears" in figures:
+        parts["rest"] = figures["no_attention_no_linears"]
+    if "one_kv_split" in figures:
+        parts["split_reduction"] = full - figures["one_kv_split"]
+    return {k: v * 1e3 / num_layers for k, v in parts.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="configs/llama3-8b.yaml")
     ap.add_argument("--context-len", type=int, default=256)
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--repeat", type=int, default=8, help="forwards per captured graph")
+    ap.add_argument("--variants", nargs="*", help="the variants to time (default: all)")
+    ap.add_argument("--settings", nargs="*", default=["default"],
+                    help='environment knobs per round, "K=V,K=V" or "default"')
     ap.add_argument("--json")
     args = ap.parse_args()
     values = read_yaml(args.config)
@@ -117,31 +153,32 @@ def main() -> None:
         "no_attention_no_linears": [lambda: without_attention(backend), without_linears],
         "one_kv_split": [lambda: one_split(backend)],
     }
-    figures = {}
+    chosen = ["full"] + [v for v in (args.variants or variants) if v != "full"]
+    results = {}
     with torch.inference_mode():
-        for name, patches in variants.items():
-            with contextlib.ExitStack() as stack:
-                for patch in patches:
-                    stack.enter_context(patch())
-                figures[name] = step_ms(runner, args.context_len, args.steps, args.repeat)
-    full = figures["full"]
-    parts = {name[3:]: full - ms for name, ms in figures.items() if name.startswith("no_")}
-    parts["rest"] = figures["no_attention_no_linears"]
-    parts["split_reduction"] = full - figures["one_kv_split"]
-    per_layer = {k: v * 1e3 / num_layers for k, v in parts.items()}
-    print(f"{args.config}, batch 1, context {args.context_len}: step {full:.3f} ms")
-    for name, ms in figures.items():
-        print(f"  {name:26s} {ms:.3f} ms")
-    for name, us in per_layer.items():
-        print(f"  {name:26s} {us:6.1f} us a layer " +
-              ("(neither attention nor linears)" if name == "rest" else "(full minus without)"))
+        for setting in args.settings:
+            apply_setting(setting, runner)
+            figures = {}
+            for name in chosen:
+                with contextlib.ExitStack() as stack:
+                    for patch in variants[name]:
+                        stack.enter_context(patch())
+                    figures[name] = step_ms(runner, args.context_len, args.steps, args.repeat)
+            per_layer = breakdown(figures, num_layers)
+            results[setting] = {"step_ms": figures, "us_per_layer": per_layer}
+            print(f"{args.config} [{setting}], batch 1, context {args.context_len}: "
+                  f"step {figures['full']:.3f} ms")
+            for name, ms in figures.items():
+                if name != "full":
+                    print(f"  {name:26s} {ms:.3f} ms  {per_layer.get(name[3:], 0):6.1f} us a "
+                          "layer (full minus without)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"benchmark": "decode_ablation", "commit": git_commit(),
                        "device": torch.cuda.get_device_name(),
                        "command": ["python", "benchmarks/decode_ablation.py", *sys.argv[1:]],
-                       "context_len": args.context_len, "repeat": args.repeat, "step_ms": figures,
-                       "us_per_layer": per_layer}, f, indent=1)
+                       "context_len": args.context_len, "repeat": args.repeat,
+                       "settings": results}, f, indent=1)
 
 
 if __name__ == "__main__":

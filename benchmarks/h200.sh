@@ -191,11 +191,12 @@ with tarfile.open('$OUT/flashinfer-jit.tar.xz', 'w:xz') as t:
       done
       ;;
     ablation)
-      # In-graph cost of the decode step's parts at batch 1 (benchmarks/decode_ablation.py).
+      # In-graph cost of the decode step's parts at batch 1 (benchmarks/decode_ablation.py);
+      # ABLATION_ARGS: more arguments, e.g. --variants full --settings default K=V.
       for c in ${ABLATION_CONFIGS:-llama3-8b-gptq llama3-8b}; do
-        log "decode ablation: $c"
-        python3 benchmarks/decode_ablation.py --config configs/$c.yaml \
-          --json "$OUT/decode_ablation_$c.json" 2>&1 | grep -v "^\[" | tail -12
+        log "decode ablation: $c ${ABLATION_ARGS:-}"
+        python3 benchmarks/decode_ablation.py --config configs/$c.yaml ${ABLATION_ARGS:-} \
+          --json "$OUT/decode_ablation_$c.json" 2>&1 | grep -v "^\[" | tail -60
       done
       ;;
     *) echo "unknown phase $phase"; exit 2 ;;

@@ -202,6 +202,73 @@ def test_programmatic_launches_in_a_graph(monkeypatch, gen):
         assert torch.equal(captured, plain), SEED
 
 
+@gpu
+@needs_cuda
+def test_l2_prefetch_changes_nothing_but_the_cache(gen):
+    """A GEMV asking L2 for the next linears' operands (whole and in part) gives bit-equal
+    outputs, launched plainly and inside a replayed CUDA graph; the tensors it named are left
+    as they were."""
+    (x, w_q, scales, zeros, _, _), _ = operands(1, 768, 512, 4, 128, False, False, False,
+                                                torch.bfloat16, gen)
+    x, w_q, scales, zeros = (t.cuda() for t in (x, w_q, scales, zeros))
+    later = [torch.randint(-2**31, 2**31 - 1, (n,), generator=gen, dtype=torch.int32).cuda()
+             for n in (70000, 4096, 12)]
+    before = [t.clone() for t in later]
+    asked = [(later[0], 70000 * 4), (later[1], 1000), (later[2], 48)]
+    plain = native.int4_gemv(x, w_q, scales, zeros, None, 128)
+    prefetching = native.int4_gemv(x, w_q, scales, zeros, None, 128, l2_prefetch=asked)
+    assert torch.equal(plain, prefetching), SEED
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = native.int4_gemv(x, w_q, scales, zeros, None, 128, l2_prefetch=asked)
+    x.copy_(torch.randn(x.shape, generator=gen).to(x.dtype))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, native.int4_gemv(x, w_q, scales, zeros, None, 128)), SEED
+    assert all(torch.equal(a, b) for a, b in zip(later, before))
+
+
+def test_l2_prefetch_operands_are_checked(gen):
+    """At most six tensors, contiguous, on x's device, bytes within each; named in the error."""
+    t = torch.zeros(64, dtype=torch.int32)
+    assert native.l2_operands([(t, 256), (t, 16)], t.device) == ([t.data_ptr()] * 2, [256, 16])
+    with pytest.raises(ValueError, match="at most 6"):
+        native.l2_operands([(t, 16)] * 7, t.device)
+    with pytest.raises(ValueError, match="0 <= bytes <= their size"):
+        native.l2_operands([(t, 257)], t.device)
+    with pytest.raises(ValueError, match="contiguous"):
+        native.l2_operands([(torch.zeros(8, 8, dtype=torch.int32).t(), 16)], t.device)
+
+
+def test_l2_prefetch_plan_takes_the_same_share_of_each_operand(monkeypatch, gen):
+    """The scheme's plan for a layer: its next_linears' int4 operands in order, the same share of
+    each (16-byte multiples), within LOOM_NATIVE_L2_PREFETCH_MB; none without next_linears or
+    with the budget at 0; unquantized next linears are skipped."""
+    first, _ = gptq_layer(256, 96, False, gen)
+    second, _ = gptq_layer(96, 512, False, gen)
+    third, _ = gptq_layer(512, 64, False, gen)
+    sizes = [sum(t.numel() * t.element_size() for t in (lin.w_q, lin.w_scales, lin.w_zeros))
+             for lin in (second, third)]
+    budget = sizes[0] + sizes[1] // 2
+    monkeypatch.setenv("LOOM_NATIVE_L2_PREFETCH_MB", str(budget / (1 << 20)))
+    scheme = first.quant_method
+    assert scheme.l2_prefetch(first) == []
+    first.__dict__.pop("_l2_plan")
+    first.next_linears = (torch.nn.Linear(4, 4), second, third)
+    plan = scheme.l2_prefetch(first)
+    assert [t for t, _ in plan] == [second.w_q, second.w_scales, second.w_zeros,
+                                    third.w_q, third.w_scales, third.w_zeros]
+    assert [n for _, n in plan[:3]] == [t.numel() * t.element_size() for t, _ in plan[:3]]
+    for t, n in plan[3:]:
+        whole = t.numel() * t.element_size()
+        assert n % 16 == 0 and abs(n - whole / 2) <= 16
+    assert sum(n for _, n in plan) <= budget
+    assert scheme.l2_prefetch(first) is plan                        # worked out once
+    monkeypatch.setenv("LOOM_NATIVE_L2_PREFETCH_MB", "0")
+    first.__dict__.pop("_l2_plan")
+    assert scheme.l2_prefetch(first) == []
+
+
 def test_refuses_bad_operands(gen):
     """Checked in Python with messages that name the operand, before the extension is called (on
     any machine: the checks need no GPU)."""
