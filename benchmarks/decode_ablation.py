@@ -60,9 +60,9 @@ def without_linears(suffix: str = ""):
 
 
 @contextlib.contextmanager
-def one_split(backend):
+def kv_splits(backend, splits: int):
     saved = backend.kv_splits
-    backend.kv_splits = 1
+    backend.kv_splits = splits
     try:
         yield
     finally:
@@ -99,9 +99,9 @@ def step_ms(runner, context_len: int, steps: int, repeat: int) -> float:
     return start.elapsed_time(end) / steps / repeat
 
 
-def apply_setting(setting: str, runner) -> None:
-    """Environment knobs "K=V,K=V" ("default": none) for the next captures; the layers' cached
-    L2 prefetch plans are dropped so that they follow LOOM_NATIVE_L2_PREFETCH_MB."""
+def apply_setting(setting: str) -> None:
+    """Environment knobs "K=V,K=V" ("default": none) for the next captures (knobs read at each
+    call, e.g. LOOM_NATIVE_PDL, LOOM_TRITON_PDL)."""
     for key in SETTING_KEYS:
         os.environ.pop(key, None)
     if setting != "default":
@@ -109,8 +109,6 @@ def apply_setting(setting: str, runner) -> None:
             key, _, value = item.partition("=")
             SETTING_KEYS.add(key)
             os.environ[key] = value
-    for module in runner.model.modules():
-        module.__dict__.pop("_l2_plan", None)
 
 
 SETTING_KEYS: set[str] = set()
@@ -151,13 +149,14 @@ def main() -> None:
            for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")},
         "no_linears": [without_linears],
         "no_attention_no_linears": [lambda: without_attention(backend), without_linears],
-        "one_kv_split": [lambda: one_split(backend)],
+        "one_kv_split": [lambda: kv_splits(backend, 1)],
+        **{f"kv_splits_{n}": [lambda n=n: kv_splits(backend, n)] for n in (2, 4, 8, 32)},
     }
     chosen = ["full"] + [v for v in (args.variants or variants) if v != "full"]
     results = {}
     with torch.inference_mode():
         for setting in args.settings:
-            apply_setting(setting, runner)
+            apply_setting(setting)
             figures = {}
             for name in chosen:
                 with contextlib.ExitStack() as stack:
@@ -170,8 +169,8 @@ def main() -> None:
                   f"step {figures['full']:.3f} ms")
             for name, ms in figures.items():
                 if name != "full":
-                    print(f"  {name:26s} {ms:.3f} ms  {per_layer.get(name[3:], 0):6.1f} us a "
-                          "layer (full minus without)")
+                    saved = (figures["full"] - ms) * 1e3 / num_layers
+                    print(f"  {name:26s} {ms:.3f} ms  {saved:6.1f} us a layer less than full")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"benchmark": "decode_ablation", "commit": git_commit(),

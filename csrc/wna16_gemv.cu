@@ -29,11 +29,6 @@
 // on an earlier kernel), and waits (griddepcontrol.wait) before it reads x or writes anything.
 // It lets the kernel after it start early the same way.
 //
-// A call may name operands of later kernels (l2_prefetch: addresses and byte counts): after its
-// own work the grid asks L2 for them (bulk prefetches, sm_90+), so that a linear that follows a
-// few small kernels (o_proj after the attention) finds its weights in L2; HBM idles while the
-// kernels between run.
-//
 // The grid holds at most blocks_per_sm blocks per SM, each looping over row tiles, so x is
 // converted once per block; the launch depends only on shapes (safe in a CUDA graph).
 // prefetch_steps > 0 also asks L2 for later batches (bulk prefetches); on the H200 that slowed
@@ -46,10 +41,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include <pybind11/stl.h>
-
 #include <cstdint>
-#include <vector>
 
 namespace {
 
@@ -123,15 +115,6 @@ struct Prologue {
   T* residual_out = nullptr;    // ... and the sum written here, contiguous [M, K]
   const T* weight = nullptr;    // rms_norm: the norm's weight [K]
   float eps = 0.f;
-};
-
-constexpr int kMaxL2Prefetch = 6;
-
-// Operands of later kernels to ask L2 for after the grid's own work.
-struct L2Prefetch {
-  const char* ptr[kMaxL2Prefetch];
-  int64_t bytes[kMaxL2Prefetch];
-  int count = 0;
 };
 
 template <typename T, int R, int U>
@@ -306,26 +289,6 @@ __device__ void write_sum(const T* __restrict__ x, const Shape& s, const Prologu
   }
 }
 
-// Spreads the bulk prefetches of `l2` over the grid's threads, 4 KB each (sm_90+; a no-op
-// before). Nothing waits for them: the block exits, L2 fills while later kernels run.
-__device__ __forceinline__ void prefetch_later(const L2Prefetch& l2) {
-#if __CUDA_ARCH__ >= 900
-  constexpr int64_t kPiece = 4096;
-  const int64_t first = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
-  for (int e = 0; e < l2.count; ++e) {
-    const int64_t pieces = (l2.bytes[e] + kPiece - 1) / kPiece;
-    for (int64_t i = first; i < pieces; i += stride) {
-      const int size = static_cast<int>(min(kPiece, l2.bytes[e] - i * kPiece)) & ~15;
-      if (size > 0)
-        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(l2.ptr[e] + i * kPiece),
-                     "r"(size)
-                     : "memory");
-    }
-  }
-#endif
-}
-
 // Issues the loads of batch b (U loads per lane and row) of a warp's R rows in a tile; lanes past
 // the end of a row load its last chunk again, which multiply_batch weighs by zero.
 template <typename T, int R, int U>
@@ -495,7 +458,7 @@ __global__ void __launch_bounds__(kThreads, (M == 1 && R * U <= 8) || (M == 2 &&
     int4_gemv_kernel(const T* __restrict__ x, const int* __restrict__ perm,
                      const uint4* __restrict__ w, const T* __restrict__ scales,
                      const T* __restrict__ zeros, const T* __restrict__ bias, T* __restrict__ y,
-                     Shape s, Prologue<T> p, bool x_aligned, L2Prefetch l2) {
+                     Shape s, Prologue<T> p, bool x_aligned) {
   extern __shared__ uint4 smem[];
   uint4* pairs = smem;                                           // [M][4][chunks]
   float* inv = reinterpret_cast<float*>(smem + M * 4 * s.chunks);  // [M][chunks]
@@ -533,7 +496,6 @@ __global__ void __launch_bounds__(kThreads, (M == 1 && R * U <= 8) || (M == 2 &&
                           scale)) {
   }
   write_sum<T, M>(x, s, p, x_aligned);
-  prefetch_later(l2);
 }
 
 int device_attribute(cudaDeviceAttr attr) {
@@ -556,7 +518,6 @@ struct Options {
   const int* perm = nullptr;
   const T* bias = nullptr;
   Prologue<T> prologue;
-  L2Prefetch l2;
   int group_size = 0, blocks_per_sm = 2, prefetch = 0;
   bool pdl = false;
 };
@@ -608,7 +569,7 @@ void launch(const torch::Tensor& x, const torch::Tensor& w_q, const torch::Tenso
       &config, kernel, reinterpret_cast<const T*>(x.data_ptr()), o.perm,
       reinterpret_cast<const uint4*>(w_q.data_ptr()), reinterpret_cast<const T*>(scales.data_ptr()),
       reinterpret_cast<const T*>(zeros.data_ptr()), o.bias, reinterpret_cast<T*>(y.data_ptr()), s,
-      p, aligned, o.l2));
+      p, aligned));
 }
 
 // The (rows per warp, loads per lane) pairs built for each number of rows of x.
@@ -659,9 +620,8 @@ void run(int R, int U, const torch::Tensor& x, const torch::Tensor& w_q,
          int64_t prologue, const std::optional<torch::Tensor>& residual,
          const std::optional<torch::Tensor>& residual_out,
          const std::optional<torch::Tensor>& norm_weight, double eps, int64_t group_size,
-         int64_t blocks_per_sm, int64_t prefetch_steps, bool pdl, const L2Prefetch& l2) {
+         int64_t blocks_per_sm, int64_t prefetch_steps, bool pdl) {
   Options<T> o;
-  o.l2 = l2;
   o.perm = perm ? perm->data_ptr<int>() : nullptr;
   o.bias = data_or_null<T>(bias);
   o.prologue.kind = static_cast<int>(prologue);
@@ -686,8 +646,7 @@ torch::Tensor wna16_int4_gemv(torch::Tensor x, torch::Tensor w_q, torch::Tensor 
                               int64_t blocks_per_sm, int64_t prefetch_steps, int64_t prologue,
                               std::optional<torch::Tensor> residual,
                               std::optional<torch::Tensor> residual_out,
-                              std::optional<torch::Tensor> norm_weight, double eps, bool pdl,
-                              std::vector<int64_t> l2_addresses, std::vector<int64_t> l2_bytes) {
+                              std::optional<torch::Tensor> norm_weight, double eps, bool pdl) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.stride(1) == 1,
               "wna16_int4_gemv: x must be a 2-D CUDA tensor with contiguous rows");
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
@@ -726,27 +685,16 @@ torch::Tensor wna16_int4_gemv(torch::Tensor x, torch::Tensor w_q, torch::Tensor 
                 "wna16_int4_gemv: residual and residual_out must be contiguous [M, K] in x's "
                 "dtype, with rms_norm");
   }
-  TORCH_CHECK(l2_addresses.size() == l2_bytes.size() && l2_bytes.size() <= kMaxL2Prefetch,
-              "wna16_int4_gemv: l2_prefetch takes at most ", kMaxL2Prefetch,
-              " (address, bytes) pairs");
-  L2Prefetch l2;
-  l2.count = static_cast<int>(l2_bytes.size());
-  for (int e = 0; e < l2.count; ++e) {
-    TORCH_CHECK(l2_addresses[e] % 16 == 0 && l2_bytes[e] >= 0,
-                "wna16_int4_gemv: l2_prefetch addresses must be 16-byte aligned");
-    l2.ptr[e] = reinterpret_cast<const char*>(l2_addresses[e]);
-    l2.bytes[e] = l2_bytes[e];
-  }
   const c10::cuda::CUDAGuard guard(x.device());
   auto y = torch::empty({x.size(0), N}, x.options());
   const int R = rows_per_warp, U = loads_per_lane;
   if (x.scalar_type() == at::kHalf) {
     run<__half>(R, U, x, w_q, scales, zeros, y, perm, bias, prologue, residual, residual_out,
-                norm_weight, eps, group_size, blocks_per_sm, prefetch_steps, pdl, l2);
+                norm_weight, eps, group_size, blocks_per_sm, prefetch_steps, pdl);
   } else {
     run<__nv_bfloat16>(R, U, x, w_q, scales, zeros, y, perm, bias, prologue, residual,
                        residual_out, norm_weight, eps, group_size, blocks_per_sm, prefetch_steps,
-                       pdl, l2);
+                       pdl);
   }
   return y;
 }
@@ -760,7 +708,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("loads_per_lane") = 4, py::arg("blocks_per_sm") = 2,
         py::arg("prefetch_steps") = 0, py::arg("prologue") = 0,
         py::arg("residual") = py::none(), py::arg("residual_out") = py::none(),
-        py::arg("norm_weight") = py::none(), py::arg("eps") = 1e-6, py::arg("pdl") = false,
-        py::arg("l2_addresses") = std::vector<int64_t>(),
-        py::arg("l2_bytes") = std::vector<int64_t>());
+        py::arg("norm_weight") = py::none(), py::arg("eps") = 1e-6, py::arg("pdl") = false);
 }

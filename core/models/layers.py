@@ -191,9 +191,6 @@ class Linear(nn.Module):
         self.quant_method = quant_method
         self.partition = partition or Partition(input_size, tuple(output_sizes))
         self.prefix = prefix
-        # The linears that run next with only small ops between (the model sets it): a quant
-        # method's kernel may ask L2 for their weights while those ops run.
-        self.next_linears: tuple[Linear, ...] = ()
         self.register_parameter("bias", None)
         try:
             quant_method.create_weights(self, input_size, self.output_sizes, bias,

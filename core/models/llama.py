@@ -92,8 +92,6 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(config, quant_method, f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        # Only the attention runs between qkv and o_proj, and o_proj leads into gate_up.
-        self.self_attn.qkv_proj.next_linears = (self.self_attn.o_proj, self.mlp.gate_up_proj)
 
     def forward(self, positions, hidden, residual, kv_cache, attn_metadata):
         # Each norm feeds its linear as that linear asks: applied by its kernel (an int4 GEMV),

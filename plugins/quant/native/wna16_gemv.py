@@ -10,13 +10,9 @@ the linear, applied by the kernel as it stages x. On sm_90+ the kernel is launch
 programmatic dependent (PDL), overlapping its first weight loads with the kernel before it.
 ``LOOM_NATIVE_FUSED_INPUT=0`` declines FusedInputs (the model runs the ops itself) and
 ``LOOM_NATIVE_PDL=0`` launches plainly: both for measuring what each brings.
-
-``l2_prefetch`` names operands of later kernels, (tensor, bytes from its start): after its own
-work the grid asks L2 for them (sm_90+), for a linear that runs after a few small kernels.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import os
@@ -30,8 +26,6 @@ from loom.quant import FusedInput
 logger = logging.getLogger("loom")
 
 MAX_M = 4
-MAX_L2_PREFETCH = 6    # (tensor, bytes) pairs a call may ask L2 for
-L2_PREFETCH_MB = 24    # what it asks for at most
 CHUNK = 32        # inputs per 16-byte load of W
 DTYPES = (torch.bfloat16, torch.float16)
 PROLOGUES = {"rms_norm": 1, "silu_and_mul": 2}      # the kernel's codes (0: plain x)
@@ -146,12 +140,6 @@ def enabled() -> bool:
     return _flag("LOOM_NATIVE_KERNELS")
 
 
-def l2_prefetch_budget() -> int:
-    """Bytes a call may ask L2 for after its work: LOOM_NATIVE_L2_PREFETCH_MB (MiB), default
-    L2_PREFETCH_MB."""
-    return int(float(os.environ.get("LOOM_NATIVE_L2_PREFETCH_MB", L2_PREFETCH_MB)) * (1 << 20))
-
-
 @functools.cache
 def _module():
     """The built extension, or None (warned once) where it cannot be built."""
@@ -200,49 +188,20 @@ def applies(x: torch.Tensor, w_q: torch.Tensor, scales: torch.Tensor, bits: int,
 
 def int4_gemv(x: torch.Tensor | FusedInput, w_q: torch.Tensor, scales: torch.Tensor,
               zeros: torch.Tensor, perm: torch.Tensor | None, group_size: int,
-              bias: torch.Tensor | None = None, config: NativeGemvConfig | None = None,
-              l2_prefetch: list[tuple[torch.Tensor, int]] = ()) -> torch.Tensor:
+              bias: torch.Tensor | None = None, config: NativeGemvConfig | None = None
+              ) -> torch.Tensor:
     """x [M, K] @ W^T (+ bias) -> [M, N] in x's dtype (``applies`` must hold); x may be a
-    FusedInput, whose op the kernel applies first (filling its residual_out). ``l2_prefetch``:
-    see the module docstring."""
+    FusedInput, whose op the kernel applies first (filling its residual_out)."""
     fused = x if isinstance(x, FusedInput) else None
     if fused is not None:
         x = fused.x
-    cfg = config or _blocks_override(default_config(w_q.shape[0], w_q.shape[1] * 8, x.shape[0],
-                                                    num_sms(x.device)))
+    cfg = config or default_config(w_q.shape[0], w_q.shape[1] * 8, x.shape[0], num_sms(x.device))
     if not 1 <= x.shape[0] <= MAX_M:
         raise ValueError(f"int4_gemv takes 1 to {MAX_M} rows of x, got {x.shape[0]}")
     check_operands(x, w_q, scales, zeros, perm, bias, group_size, cfg, fused)
-    addresses, sizes = l2_operands(l2_prefetch, x.device)
     norm = fused is not None and fused.op == "rms_norm"
     return _module().wna16_int4_gemv(
         x, w_q, scales, zeros, perm, bias, group_size, cfg.rows_per_warp, cfg.loads_per_lane,
         cfg.blocks_per_sm, cfg.prefetch_steps, PROLOGUES[fused.op] if fused else 0,
         fused.residual if norm else None, fused.residual_out if norm else None,
-        fused.weight if norm else None, float(fused.eps) if norm else 0.0, pdl(x.device),
-        addresses, sizes)
-
-
-def _blocks_override(cfg: NativeGemvConfig) -> NativeGemvConfig:
-    """LOOM_NATIVE_BLOCKS_PER_SM, when set, replaces the default's blocks per SM (a measuring
-    knob: with one block per SM, the next kernel's blocks fit beside it and start early)."""
-    blocks = os.environ.get("LOOM_NATIVE_BLOCKS_PER_SM")
-    return dataclasses.replace(cfg, blocks_per_sm=int(blocks)) if blocks else cfg
-
-
-def l2_operands(l2_prefetch, device: torch.device) -> tuple[list[int], list[int]]:
-    """The kernel's l2 addresses and byte counts; ValueError for what it cannot take."""
-    if len(l2_prefetch) > MAX_L2_PREFETCH:
-        raise ValueError(f"int4_gemv: l2_prefetch takes at most {MAX_L2_PREFETCH} tensors, got "
-                         f"{len(l2_prefetch)}")
-    addresses, sizes = [], []
-    for t, size in l2_prefetch:
-        total = t.numel() * t.element_size()
-        if t.device != device or not t.is_contiguous() or t.data_ptr() % 16 or \
-                not 0 <= size <= total:
-            raise ValueError(f"int4_gemv: l2_prefetch needs contiguous tensors on {device}, "
-                             f"16-byte aligned, and 0 <= bytes <= their size; got "
-                             f"{tuple(t.shape)} {t.dtype} on {t.device}, {size} of {total} bytes")
-        addresses.append(t.data_ptr())
-        sizes.append(size)
-    return addresses, sizes
+        fused.weight if norm else None, float(fused.eps) if norm else 0.0, pdl(x.device))

@@ -212,8 +212,7 @@ class WNA16Scheme(Scheme):
             if self.native_applies(layer, x.x, x.op):
                 native, _, _ = _kernels()
                 return native.int4_gemv(x, layer.w_q, layer.w_scales, layer.w_zeros,
-                                        layer.w_perm, layer.group_size, bias,
-                                        l2_prefetch=self.l2_prefetch(layer))
+                                        layer.w_perm, layer.group_size, bias)
             x = x.evaluate()
         x2 = x.reshape(-1, x.shape[-1])
         if x.is_cuda or self.kernels_on_cpu:
@@ -225,34 +224,13 @@ class WNA16Scheme(Scheme):
             y = xs @ w.t() if bias is None else torch.addmm(bias, xs, w.t())
         return y.view(*x.shape[:-1], y.shape[-1])
 
-    def l2_prefetch(self, layer) -> list[tuple[torch.Tensor, int]]:
-        """What the native GEMV asks L2 for after this layer's work: the same share of each int4
-        operand of its next_linears (in order), up to the kernel's byte budget. Worked out once
-        (the tensors do not move after loading)."""
-        plan = layer.__dict__.get("_l2_plan")
-        if plan is None:
-            budget = _kernels()[0].l2_prefetch_budget()
-            plan = []
-            for nxt in layer.next_linears:
-                tensors = [getattr(nxt, n, None) for n in ("w_q", "w_scales", "w_zeros")]
-                if budget <= 0 or any(t is None or t.device != layer.w_q.device
-                                      for t in tensors):
-                    continue
-                sizes = [t.numel() * t.element_size() for t in tensors]
-                share = min(1.0, budget / sum(sizes))
-                plan += [(t, int(n * share) // 16 * 16) for t, n in zip(tensors, sizes)]
-                budget -= share * sum(sizes)
-            layer.__dict__["_l2_plan"] = plan
-        return plan
-
     def triton_matmul(self, layer, x2, bias):
         """The GEMV (bias fused) for the rows of a decode step: the native int4 one where it
         applies, else Triton's; the GEMM beyond."""
         native, gemv, gemm = _kernels()
         args = (layer.w_q, layer.w_scales, layer.w_zeros)
         if self.native_applies(layer, x2):
-            return native.int4_gemv(x2, *args, layer.w_perm, layer.group_size, bias,
-                                    l2_prefetch=self.l2_prefetch(layer))
+            return native.int4_gemv(x2, *args, layer.w_perm, layer.group_size, bias)
         if gemv.gemv_supported(x2, layer.w_q, self.bits, layer.group_size, layer.w_g_idx):
             return gemv.wna16_gemv(x2, *args, layer.w_perm, self.bits, layer.group_size, bias)
         y = gemm(x2, *args, layer.w_g_idx, self.bits, layer.group_size, perm=layer.w_perm)
