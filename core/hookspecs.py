@@ -6,7 +6,7 @@ registered the same way. Every hook returns *classes*; each class carries a uniq
 (model classes: their Hugging Face ``architectures`` names).
 
 Versioning: ``LOOM_PLUGIN_API`` is "MAJOR.MINOR". A plugin declares the version it was built
-for as a module attribute, ``LOOM_PLUGIN_API = "1.6"``; loom refuses a plugin whose major differs
+for as a module attribute, ``LOOM_PLUGIN_API = "1.7"``; loom refuses a plugin whose major differs
 or whose minor is newer than its own, with a message naming both versions. A minor version only
 adds: a hook may gain arguments (pluggy lets an implementation take fewer), never lose them; an
 interface may gain members with defaults. A name that moves is listed in ``MOVED`` and keeps
@@ -32,7 +32,9 @@ ENTRY_POINT_GROUP = "loom"
 #      SiLU-and-mul before it).
 # 1.6: AttentionBackend.forward_rotary and FusedOps.rotary_write_kv (the rotary embedding and the
 #      KV-cache write in one kernel).
-LOOM_PLUGIN_API = "1.6"
+# 1.7: QuantMethod.fuses_output / apply_fused_output (a gate|up linear's kernel applies
+#      SiLU-and-mul to its output).
+LOOM_PLUGIN_API = "1.7"
 
 
 class LoomDeprecationWarning(DeprecationWarning):

@@ -149,6 +149,20 @@ class QuantMethod:
         from shapes, dtype and device alone, so a captured graph stays valid. Default: False."""
         return False
 
+    def fuses_output(self, layer: nn.Module, op: str, x) -> bool:
+        """Whether ``apply_fused_output`` applies ``op`` to this layer's output in its own kernel
+        for an input like x (a tensor, or a FusedInput this method takes). The one op:
+        ``"silu_and_mul"``, silu(y[:, :N/2]) * y[:, N/2:] of y = x W^T + b (a fused gate|up
+        projection and its activation). Decided from shapes, dtype and device alone, so a
+        captured graph stays valid. Default: False."""
+        return False
+
+    def apply_fused_output(self, layer: nn.Module, x, bias: torch.Tensor | None,
+                           op: str) -> torch.Tensor:
+        """op(x @ W^T (+ bias)) where ``fuses_output`` said yes; the reference is ``apply``
+        followed by the op (loom.ops), rounded as they round."""
+        raise NotImplementedError(f"{type(self).__name__} does not fuse {op!r} into its output")
+
     def input_quant(self, layer: nn.Module) -> torch.dtype | None:
         """The fp8 dtype this method quantizes x to, one scale per token, before its matmul, when
         the op before the layer (its norm, its activation) should do that in the same kernel

@@ -24,6 +24,12 @@
 // dtype as the unfused kernels round it. Staging stores nothing to global memory, so all of a
 // thread's loads of x can be in flight together.
 //
+// The op after the linear may come fused too (the epilogue): silu_and_mul writes
+// silu(z[:, :N/2]) * z[:, N/2:] of z = x @ W^T (+ bias), [M, N/2]. A warp then takes a gate row
+// p and its up row p + N/2 (R = 2) and rounds as the unfused ops do: z to x's dtype, silu,
+// the product. Computed once per output, where the next linear's prologue would compute it in
+// every block (for the down projection of Llama-3-8B, 14336 exponentials in each of 256 blocks).
+//
 // With pdl the kernel is launched as a programmatic dependent (sm_90+): it may start while the
 // kernel before it in the stream finishes, issues its first weight loads (weights never depend
 // on an earlier kernel), and waits (griddepcontrol.wait) before it reads x or writes anything.
@@ -101,7 +107,9 @@ struct Shape {
   int group_chunks;   // loads per group (the group size / 32; K / 32 for one group)
   int group_shift;    // log2(group_chunks) when a power of two, else -1
   int lane_batches;   // batches of U loads a lane makes per row
-  int tiles;          // row tiles of kWarps * R rows
+  int tiles;          // row tiles of kWarps * R rows (gated: of kWarps row pairs)
+  int gated;          // the silu_and_mul epilogue (R = 2: rows p and p + N / 2 per warp)
+  int row_step;       // between a warp's rows: 1, or N / 2 when gated
   int prefetch;       // steps whose weights are asked into L2 ahead of their loads
   int64_t stride_xm;
 };
@@ -126,6 +134,22 @@ struct Batch {
 
 template <typename T>
 __device__ __forceinline__ float round_to(float v) { return to_float(from_float<T>(v)); }
+
+// silu(gate) * up of two values of T, each op rounded to T as the unfused kernels round.
+template <typename T>
+__device__ __forceinline__ float silu_mul(float gate, float up) {
+  const float silu = round_to<T>(gate * __frcp_rn(1.f + __expf(-gate)));
+  return round_to<T>(silu * up);
+}
+
+// The row of W that slot r (< R) of this warp takes in `tile`: R consecutive rows, or with the
+// epilogue the warp's pair p: gate row p (r = 0), up row p + N / 2 (r = 1). May pass N.
+template <int R>
+__device__ __forceinline__ int w_row(const Shape& s, int tile, int r) {
+  const int warp = threadIdx.x / 32;
+  const int first = s.gated ? tile * kWarps + warp : (tile * kWarps + warp) * R;
+  return first + r * s.row_step;
+}
 
 // The 32 values row[e] of chunk u (e = perm[32u + i], or 32u + i) as they are stored: four
 // 16-byte loads where aligned. Each call issues all its loads before any is used.
@@ -163,11 +187,7 @@ __device__ __forceinline__ void input_chunk(const T* __restrict__ x, const int* 
   if (p.kind == kSiluAndMul) {
     load_chunk(row + s.K, perm, u, aligned, first);  // up
 #pragma unroll
-    for (int i = 0; i < kChunk; ++i) {
-      const float g = element<T>(xs, i);
-      const float silu = round_to<T>(g * __frcp_rn(1.f + __expf(-g)));
-      v[i] = round_to<T>(silu * element<T>(first, i));
-    }
+    for (int i = 0; i < kChunk; ++i) v[i] = silu_mul<T>(element<T>(xs, i), element<T>(first, i));
     return;
   }
   if (p.kind != kRmsNorm) {
@@ -296,7 +316,6 @@ __device__ __forceinline__ void load_batch(const uint4* __restrict__ w, const T*
                                            const T* __restrict__ zeros, const Shape& s, int tile,
                                            int b, Batch<T, R, U>& out) {
   const int lane = threadIdx.x % 32;
-  const int row0 = tile * kWarps * R + (threadIdx.x / 32) * R;
   int u[U], g[U];
 #pragma unroll
   for (int j = 0; j < U; ++j) {
@@ -305,7 +324,7 @@ __device__ __forceinline__ void load_batch(const uint4* __restrict__ w, const T*
   }
 #pragma unroll
   for (int r = 0; r < R; ++r) {
-    const int row = min(row0 + r, s.N - 1);
+    const int row = min(w_row<R>(s, tile, r), s.N - 1);
     const uint4* wr = w + static_cast<int64_t>(row) * s.chunks;
     const T* sr = scales + static_cast<int64_t>(row) * s.G;
     const T* zr = zeros + static_cast<int64_t>(row) * s.G;
@@ -326,18 +345,17 @@ __device__ __forceinline__ void prefetch_batch(const uint4* __restrict__ w, cons
                                                int b) {
   if (tile >= s.tiles) return;
   const int lane = threadIdx.x % 32;
-  const int row0 = tile * kWarps * R + (threadIdx.x / 32) * R;
   const int first = b * U * 32;
   const int count = min(U * 32, s.chunks - first);
 #if __CUDA_ARCH__ >= 900
-  if (lane < R && row0 + lane < s.N) {
-    const uint4* p = w + static_cast<int64_t>(row0 + lane) * s.chunks + first;
+  if (lane < R && w_row<R>(s, tile, lane) < s.N) {
+    const uint4* p = w + static_cast<int64_t>(w_row<R>(s, tile, lane)) * s.chunks + first;
     asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(count * 16) : "memory");
   }
 #else
   constexpr int kLines = U * 4;  // 128-byte lines per row
   for (int line = lane; line < R * kLines; line += 32) {
-    const int row = min(row0 + line / kLines, s.N - 1);
+    const int row = min(w_row<R>(s, tile, line / kLines), s.N - 1);
     const int u = first + min((line % kLines) * 8, count - 1);
     asm volatile("prefetch.global.L2 [%0];" ::"l"(w + static_cast<int64_t>(row) * s.chunks + u));
   }
@@ -404,6 +422,38 @@ __device__ __forceinline__ void multiply_batch(const Batch<T, R, U>& in, const u
   }
 }
 
+// The warp's rows of a finished tile: each lane's sums added up, times the row scale, plus the
+// bias, to y (or through the epilogue); the sums are reset for the next tile.
+template <typename T, int M, int R>
+__device__ __forceinline__ void write_rows(const T* __restrict__ bias, T* __restrict__ y,
+                                           const Shape& s, int tile, float acc[R][M],
+                                           const float scale[M]) {
+  const bool lead = threadIdx.x % 32 == 0;
+  float gate[M];  // gated: row p's z, rounded to T
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int row = w_row<R>(s, tile, r);
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      float v = acc[r][m];
+#pragma unroll
+      for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+      acc[r][m] = 0.f;
+      v *= scale[m];
+      if (!lead || row >= s.N) continue;
+      if (bias != nullptr) v += to_float(bias[row]);
+      if (!s.gated) {
+        y[static_cast<int64_t>(m) * s.N + row] = from_float<T>(v);
+      } else if (r == 0) {
+        gate[m] = round_to<T>(v);
+      } else if (row - s.row_step < s.row_step) {  // the up row of pair row - N / 2 < N / 2
+        y[static_cast<int64_t>(m) * s.row_step + row - s.row_step] =
+            from_float<T>(silu_mul<T>(gate[m], round_to<T>(v)));
+      }
+    }
+  }
+}
+
 // Multiplies batch `now` of (tile, b) after issuing the loads of the next step into `ahead`;
 // writes the warp's rows when b ends a tile. Returns false after the block's last step.
 template <typename T, int M, int R, int U>
@@ -426,26 +476,7 @@ __device__ __forceinline__ bool step(const uint4* __restrict__ w, const T* __res
     prefetch_batch<R, U>(w, s, far_tile, far_b);
   }
   multiply_batch<T, M, R, U>(now, pairs, inv, s, b, acc);
-  if (next_b == 0) {
-    const int lane = threadIdx.x % 32;
-    const int row0 = tile * kWarps * R + (threadIdx.x / 32) * R;
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-#pragma unroll
-      for (int m = 0; m < M; ++m) {
-        float v = acc[r][m];
-#pragma unroll
-        for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
-        v *= scale[m];
-        acc[r][m] = 0.f;
-        const int row = row0 + r;
-        if (lane == 0 && row < s.N) {
-          if (bias != nullptr) v += to_float(bias[row]);
-          y[static_cast<int64_t>(m) * s.N + row] = from_float<T>(v);
-        }
-      }
-    }
-  }
+  if (next_b == 0) write_rows<T, M, R>(bias, y, s, tile, acc, scale);
   tile = next_tile;
   b = next_b;
   return more;
@@ -519,7 +550,7 @@ struct Options {
   const T* bias = nullptr;
   Prologue<T> prologue;
   int group_size = 0, blocks_per_sm = 2, prefetch = 0;
-  bool pdl = false;
+  bool pdl = false, gated = false;
 };
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
@@ -537,7 +568,9 @@ void launch(const torch::Tensor& x, const torch::Tensor& w_q, const torch::Tenso
   s.group_shift = log2_exact(s.group_chunks);
   const int lane_chunks = (s.chunks + 31) / 32;
   s.lane_batches = (lane_chunks + U - 1) / U;
-  s.tiles = (s.N + kWarps * R - 1) / (kWarps * R);
+  s.gated = o.gated ? 1 : 0;
+  s.row_step = o.gated ? s.N / 2 : 1;
+  s.tiles = o.gated ? (s.N / 2 + kWarps - 1) / kWarps : (s.N + kWarps * R - 1) / (kWarps * R);
   s.stride_xm = x.stride(0);
   const int grid = min(s.tiles, device_attribute(cudaDevAttrMultiProcessorCount) * o.blocks_per_sm);
   const size_t smem = static_cast<size_t>(M) * s.chunks * (4 * sizeof(uint4) + sizeof(float));
@@ -620,8 +653,9 @@ void run(int R, int U, const torch::Tensor& x, const torch::Tensor& w_q,
          int64_t prologue, const std::optional<torch::Tensor>& residual,
          const std::optional<torch::Tensor>& residual_out,
          const std::optional<torch::Tensor>& norm_weight, double eps, int64_t group_size,
-         int64_t blocks_per_sm, int64_t prefetch_steps, bool pdl) {
+         int64_t blocks_per_sm, int64_t prefetch_steps, bool pdl, bool gated) {
   Options<T> o;
+  o.gated = gated;
   o.perm = perm ? perm->data_ptr<int>() : nullptr;
   o.bias = data_or_null<T>(bias);
   o.prologue.kind = static_cast<int>(prologue);
@@ -646,7 +680,8 @@ torch::Tensor wna16_int4_gemv(torch::Tensor x, torch::Tensor w_q, torch::Tensor 
                               int64_t blocks_per_sm, int64_t prefetch_steps, int64_t prologue,
                               std::optional<torch::Tensor> residual,
                               std::optional<torch::Tensor> residual_out,
-                              std::optional<torch::Tensor> norm_weight, double eps, bool pdl) {
+                              std::optional<torch::Tensor> norm_weight, double eps, bool pdl,
+                              int64_t epilogue) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.stride(1) == 1,
               "wna16_int4_gemv: x must be a 2-D CUDA tensor with contiguous rows");
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
@@ -685,16 +720,19 @@ torch::Tensor wna16_int4_gemv(torch::Tensor x, torch::Tensor w_q, torch::Tensor 
                 "wna16_int4_gemv: residual and residual_out must be contiguous [M, K] in x's "
                 "dtype, with rms_norm");
   }
+  const bool gated = epilogue == 1;
+  TORCH_CHECK(epilogue == 0 || (gated && N % 2 == 0 && rows_per_warp == 2),
+              "wna16_int4_gemv: epilogue 1 (silu_and_mul) takes an even N and 2 rows per warp");
   const c10::cuda::CUDAGuard guard(x.device());
-  auto y = torch::empty({x.size(0), N}, x.options());
+  auto y = torch::empty({x.size(0), gated ? N / 2 : N}, x.options());
   const int R = rows_per_warp, U = loads_per_lane;
   if (x.scalar_type() == at::kHalf) {
     run<__half>(R, U, x, w_q, scales, zeros, y, perm, bias, prologue, residual, residual_out,
-                norm_weight, eps, group_size, blocks_per_sm, prefetch_steps, pdl);
+                norm_weight, eps, group_size, blocks_per_sm, prefetch_steps, pdl, gated);
   } else {
     run<__nv_bfloat16>(R, U, x, w_q, scales, zeros, y, perm, bias, prologue, residual,
                        residual_out, norm_weight, eps, group_size, blocks_per_sm, prefetch_steps,
-                       pdl);
+                       pdl, gated);
   }
   return y;
 }
@@ -702,11 +740,12 @@ torch::Tensor wna16_int4_gemv(torch::Tensor x, torch::Tensor w_q, torch::Tensor 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("wna16_int4_gemv", &wna16_int4_gemv,
         "y = x @ W^T (+ bias) for 1-4 rows of bf16/fp16 x and int4 W [N, K/8], the op before "
-        "fused (see the file header)",
+        "and the one after fused (see the file header)",
         py::arg("x"), py::arg("w_q"), py::arg("scales"), py::arg("zeros"), py::arg("perm"),
         py::arg("bias"), py::arg("group_size"), py::arg("rows_per_warp") = 2,
         py::arg("loads_per_lane") = 4, py::arg("blocks_per_sm") = 2,
         py::arg("prefetch_steps") = 0, py::arg("prologue") = 0,
         py::arg("residual") = py::none(), py::arg("residual_out") = py::none(),
-        py::arg("norm_weight") = py::none(), py::arg("eps") = 1e-6, py::arg("pdl") = false);
+        py::arg("norm_weight") = py::none(), py::arg("eps") = 1e-6, py::arg("pdl") = false,
+        py::arg("epilogue") = 0);
 }

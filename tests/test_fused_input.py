@@ -13,7 +13,7 @@ from test_quant_fixtures import FIXTURES, generate
 from loom import ops
 from loom.plugins.quant.native import wna16_gemv as native
 from loom.plugins.quant.schemes.wna16 import WNA16Scheme
-from loom.quant import FusedInput
+from loom.quant import FusedInput, QuantMethod
 
 
 def test_fused_input_equals_the_unfused_path(monkeypatch):
@@ -34,6 +34,44 @@ def test_fused_input_equals_the_unfused_path(monkeypatch):
     # per layer: qkv and gate_up after the norms, down after SiLU-and-mul; o_proj gets plain x
     assert handed.count("rms_norm") == 2 * handed.count(None) > 0
     assert handed.count("silu_and_mul") == handed.count(None)
+
+
+def test_fused_output_equals_the_unfused_path(monkeypatch):
+    """A method that fuses SiLU-and-mul into its gate|up output (here: apply, then the op, the
+    documented reference) gives the model's greedy tokens and logprobs of the unfused path, and
+    the model hands it every layer's gate|up (with the norm as a FusedInput where fuses_input
+    says so) and no activation to the down projection."""
+    fixture = FIXTURES / "gptq_w4g32_sym_descact"
+    plain = generate(fixture, fused_ops="torch")
+    calls, handed = [], []
+    apply = WNA16Scheme.apply
+
+    def recording_apply(self, layer, x, bias):
+        handed.append(x.op if isinstance(x, FusedInput) else None)
+        return apply(self, layer, x, bias)
+
+    def fused_output(self, layer, x, bias, op):
+        calls.append((layer.prefix, op, x.op if isinstance(x, FusedInput) else None))
+        return ops.active().silu_and_mul(apply(self, layer, x, bias))
+
+    monkeypatch.setattr(WNA16Scheme, "fuses_input", lambda self, layer, op, x: True)
+    monkeypatch.setattr(WNA16Scheme, "fuses_output",
+                        lambda self, layer, op, x: op == "silu_and_mul")
+    monkeypatch.setattr(WNA16Scheme, "apply", recording_apply)
+    monkeypatch.setattr(WNA16Scheme, "apply_fused_output", fused_output)
+    fused = generate(fixture, fused_ops="torch")
+    assert [c[1] for c in fused] == [c[1] for c in plain]
+    assert max(abs(a - b) for f, p in zip(fused, plain) for a, b in zip(f[2], p[2])) < 1e-5
+    assert calls and all(prefix.endswith("gate_up_proj") and op == "silu_and_mul"
+                         and before == "rms_norm" for prefix, op, before in calls)
+    assert "silu_and_mul" not in handed
+
+
+def test_quant_methods_fuse_no_output_by_default():
+    method = QuantMethod()
+    assert method.fuses_output(None, "silu_and_mul", torch.zeros(1, 8)) is False
+    with pytest.raises(NotImplementedError, match="does not fuse 'silu_and_mul'"):
+        method.apply_fused_output(None, torch.zeros(1, 8), None, "silu_and_mul")
 
 
 def test_evaluate_is_the_reference_ops():

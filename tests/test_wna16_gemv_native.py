@@ -156,6 +156,92 @@ def test_fused_input_shapes(op, n, k, group_size, gen):
         check_fused(op, m, n, k, group_size, torch.bfloat16, gen, with_residual=True)
 
 
+def silu_and_mul_ref(z: torch.Tensor) -> torch.Tensor:
+    half = z.shape[1] // 2
+    return torch.nn.functional.silu(z[:, :half]) * z[:, half:]
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+@pytest.mark.parametrize("n,k,group_size,with_perm,with_bias,norm", [
+    (2 * 333, 1024, 128, False, True, False), (2 * 96, 256, 32, True, False, True),
+    (2 * 7, 96, -1, False, True, True)])
+def test_silu_and_mul_epilogue_against_reference(dtype, m, n, k, group_size, with_perm,
+                                                   with_bias, norm, gen):
+    """silu(z[:, :N/2]) * z[:, N/2:] of z = x W^T + b in the GEMV's own kernel against the same
+    of the float32 dequantized matmul; with the norm as its prologue too (the Llama MLP's gate|up
+    with post_attention_layernorm); odd halves (7 pairs, one warp's tile partly past the end)."""
+    (x, w_q, scales, zeros, perm, bias), ref = operands(m, n, k, 4, group_size, False, with_perm,
+                                                        with_bias, dtype, gen)
+    gs = k if group_size == -1 else group_size
+    on = [None if t is None else t.cuda() for t in (x, w_q, scales, zeros, perm, bias)]
+    x_in = on[0]
+    if norm:
+        x_in, twin = fused_operands("rms_norm", m, k, dtype, gen, with_residual=True)
+        staged = twin.evaluate().float().cpu()
+        xs = staged if perm is None else staged[:, perm.long()]
+        w = dequantize(w_q, scales.float(), zeros.float(), None, 4, gs)
+        ref = xs @ w.t() + (0 if bias is None else bias.float())
+    assert native.applies(on[0], on[1], on[2], 4, gs, None, "rms_norm" if norm else None,
+                          epilogue="silu_and_mul")
+    out = native.int4_gemv(x_in, *on[1:5], gs, on[5], epilogue="silu_and_mul")
+    assert out.shape == (m, n // 2) and out.dtype == dtype
+    expected = silu_and_mul_ref(ref)
+    error = ((out.float().cpu() - expected).norm() / expected.norm()).item()
+    assert error < TOLERANCE[dtype], (error, SEED)
+    if norm:
+        assert torch.equal(x_in.residual_out, twin.residual_out), SEED
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("inter,k", [(14336, 4096), (160, 96)])
+def test_epilogue_gives_what_the_next_prologue_would(m, inter, k, gen):
+    """The MLP both ways, gate|up with the norm before it: its kernel applying SiLU-and-mul to
+    its output, or the down projection's kernel applying it to its input (the Llama-3-8B sizes
+    and a small one). The activation is rounded the same way in both, so the outputs are
+    bit-equal; also inside a replayed CUDA graph with programmatic launches."""
+    layers = []
+    for n, kk in ((2 * inter, k), (k, inter)):
+        (_, w_q, scales, zeros, _, bias), _ = operands(1, n, kk, 4, 32, False, False, True,
+                                                       torch.bfloat16, gen)
+        layers.append([t.cuda() for t in (w_q, scales, zeros)] + [bias.cuda()])
+    (gate_up, down) = layers
+    x = torch.empty(m, k, dtype=torch.bfloat16, device="cuda")
+    residual = torch.empty_like(x)
+    norm_w = (torch.rand(k, generator=gen) + 0.5).to(torch.bfloat16).cuda()
+
+    def mlp(fused_output: bool):
+        total = torch.empty_like(x)
+        h = FusedInput("rms_norm", x, norm_w, 1e-5, residual, total)
+        if fused_output:
+            act = native.int4_gemv(h, *gate_up[:3], None, 32, gate_up[3],
+                                   epilogue="silu_and_mul")
+            y = native.int4_gemv(act, *down[:3], None, 32, down[3])
+        else:
+            z = native.int4_gemv(h, *gate_up[:3], None, 32, gate_up[3])
+            y = native.int4_gemv(FusedInput("silu_and_mul", z), *down[:3], None, 32, down[3])
+        return torch.cat([y, total], dim=1)
+
+    def new_inputs():
+        x.copy_((torch.randn(m, k, generator=gen) * 2).to(torch.bfloat16))
+        residual.copy_(torch.randn(m, k, generator=gen).to(torch.bfloat16))
+
+    new_inputs()
+    assert torch.equal(mlp(True), mlp(False)), SEED
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = mlp(True)
+    for _ in range(2):
+        new_inputs()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(captured, mlp(False)), SEED
+
+
 @gpu
 @needs_cuda
 def test_programmatic_launches_in_a_graph(monkeypatch, gen):
@@ -207,6 +293,13 @@ def test_refuses_bad_operands(gen):
     any machine: the checks need no GPU)."""
     (x, w_q, scales, zeros, _, _), _ = operands(1, 64, 256, 4, 128, False, False, False,
                                                 torch.bfloat16, gen)
+    with pytest.raises(ValueError, match="epilogue must be one of"):
+        native.int4_gemv(x, w_q, scales, zeros, None, 128, epilogue="gelu_and_mul")
+    with pytest.raises(ValueError, match="even number of rows of W"):
+        native.int4_gemv(x, w_q[:63], scales[:63], zeros[:63], None, 128, epilogue="silu_and_mul")
+    with pytest.raises(ValueError, match="rows_per_warp 2"):
+        native.int4_gemv(x, w_q, scales, zeros, None, 128, epilogue="silu_and_mul",
+                         config=native.NativeGemvConfig(1, 4, 2))
     with pytest.raises(ValueError, match="1 to 4 rows"):
         native.int4_gemv(x.repeat(5, 1), w_q, scales, zeros, None, 128)
     with pytest.raises(ValueError, match="scales must be contiguous"):

@@ -252,6 +252,14 @@ class Linear(nn.Module):
         """Whether this layer's kernel applies ``op`` to x itself (see QuantMethod.fuses_input)."""
         return self.quant_method.fuses_input(self, op, x)
 
+    def fuses_output(self, op: str, x) -> bool:
+        """Whether this layer's kernel applies ``op`` to its output (QuantMethod.fuses_output)."""
+        return self.quant_method.fuses_output(self, op, x)
+
+    def forward_fused_output(self, x, op: str) -> torch.Tensor:
+        """op(self(x)) in the layer's kernel, where ``fuses_output`` said yes."""
+        return self.quant_method.apply_fused_output(self, x, self.bias, op)
+
 
 class ColumnParallelLinear(Linear):
     """Each fused shard's output rows split evenly: rank r computes its slice of y."""

@@ -80,6 +80,8 @@ class LlamaMLP(nn.Module):
         self.act_fn = SiluAndMul()
 
     def forward(self, x) -> torch.Tensor:
+        if self.gate_up_proj.fuses_output("silu_and_mul", x):    # gate|up and SiLU, one kernel
+            return self.down_proj(self.gate_up_proj.forward_fused_output(x, "silu_and_mul"))
         return self.down_proj(self.act_fn.before(self.down_proj, self.gate_up_proj(x)))
 
 

@@ -10,9 +10,14 @@ the linear, applied by the kernel as it stages x. On sm_90+ the kernel is launch
 programmatic dependent (PDL), overlapping its first weight loads with the kernel before it.
 ``LOOM_NATIVE_FUSED_INPUT=0`` declines FusedInputs (the model runs the ops itself) and
 ``LOOM_NATIVE_PDL=0`` launches plainly: both for measuring what each brings.
+
+``epilogue="silu_and_mul"`` returns silu(z[:, :N/2]) * z[:, N/2:] of z = x @ W^T (+ bias), the
+gate|up projection and its activation in one kernel (``LOOM_NATIVE_FUSED_OUTPUT=0`` declines
+it: the next linear's kernel applies the activation as its input instead).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -29,6 +34,7 @@ MAX_M = 4
 CHUNK = 32        # inputs per 16-byte load of W
 DTYPES = (torch.bfloat16, torch.float16)
 PROLOGUES = {"rms_norm": 1, "silu_and_mul": 2}      # the kernel's codes (0: plain x)
+EPILOGUES = {"silu_and_mul": 1}                     # (0: plain y)
 
 
 BUILT = {1: {(1, 4), (2, 4), (1, 2), (1, 8), (2, 2), (2, 8), (4, 2), (4, 4)},
@@ -74,10 +80,15 @@ def _last_round_waste(n: int, cfg: NativeGemvConfig, sms: int) -> float:
 
 
 def check_operands(x, w_q, scales, zeros, perm, bias, group_size: int,
-                   cfg: NativeGemvConfig, fused: FusedInput | None = None) -> None:
+                   cfg: NativeGemvConfig, fused: FusedInput | None = None,
+                   epilogue: str | None = None) -> None:
     """ValueError naming what the kernel cannot take (checked here, before the extension)."""
     m = x.shape[0]
     n, k = w_q.shape[0], w_q.shape[1] * 8
+    if epilogue is not None and (epilogue not in EPILOGUES or n % 2 or cfg.rows_per_warp != 2):
+        raise ValueError(f"int4_gemv: epilogue must be one of {sorted(EPILOGUES)}, with an even "
+                         f"number of rows of W and rows_per_warp 2; got {epilogue!r}, {n} rows, "
+                         f"rows_per_warp {cfg.rows_per_warp}")
     g = 1 if group_size >= k else k // group_size
     if (cfg.rows_per_warp, cfg.loads_per_lane) not in BUILT.get(m, ()):
         raise ValueError(f"int4_gemv: no kernel built for rows_per_warp {cfg.rows_per_warp}, "
@@ -169,13 +180,17 @@ def pdl(device: torch.device) -> bool:
 
 
 def applies(x: torch.Tensor, w_q: torch.Tensor, scales: torch.Tensor, bits: int,
-            group_size: int, g_idx: torch.Tensor | None, op: str | None = None) -> bool:
-    """Whether the native GEMV takes x @ W^T, with ``op`` (FusedInput.op) applied to x first:
-    int4, 1-4 rows of bf16/fp16 CUDA x with scales in its dtype, K a multiple of 32 (x [M, K];
-    [M, 2K] for silu_and_mul), groups of whole 32-input chunks (or one per row), no g_idx (a
-    perm is fine); and it built."""
+            group_size: int, g_idx: torch.Tensor | None, op: str | None = None,
+            epilogue: str | None = None) -> bool:
+    """Whether the native GEMV takes x @ W^T, with ``op`` (FusedInput.op) applied to x first and
+    ``epilogue`` to the result: int4, 1-4 rows of bf16/fp16 CUDA x with scales in its dtype, K a
+    multiple of 32 (x [M, K]; [M, 2K] for silu_and_mul), groups of whole 32-input chunks (or one
+    per row), no g_idx (a perm is fine), an even N for the epilogue; and it built."""
     k = w_q.shape[1] * 8
     columns = 2 * k if op == "silu_and_mul" else k
+    if epilogue is not None and (epilogue not in EPILOGUES or w_q.shape[0] % 2
+                                 or not _flag("LOOM_NATIVE_FUSED_OUTPUT")):
+        return False
     return (bits == 4 and x.is_cuda and torch.version.hip is None and x.dim() == 2
             and 1 <= x.shape[0] <= MAX_M and x.dtype in DTYPES and x.stride(1) == 1
             and scales.dtype == x.dtype
@@ -188,20 +203,24 @@ def applies(x: torch.Tensor, w_q: torch.Tensor, scales: torch.Tensor, bits: int,
 
 def int4_gemv(x: torch.Tensor | FusedInput, w_q: torch.Tensor, scales: torch.Tensor,
               zeros: torch.Tensor, perm: torch.Tensor | None, group_size: int,
-              bias: torch.Tensor | None = None, config: NativeGemvConfig | None = None
-              ) -> torch.Tensor:
+              bias: torch.Tensor | None = None, config: NativeGemvConfig | None = None,
+              epilogue: str | None = None) -> torch.Tensor:
     """x [M, K] @ W^T (+ bias) -> [M, N] in x's dtype (``applies`` must hold); x may be a
-    FusedInput, whose op the kernel applies first (filling its residual_out)."""
+    FusedInput, whose op the kernel applies first (filling its residual_out). With
+    ``epilogue="silu_and_mul"``: silu(y[:, :N/2]) * y[:, N/2:], [M, N/2]."""
     fused = x if isinstance(x, FusedInput) else None
     if fused is not None:
         x = fused.x
     cfg = config or default_config(w_q.shape[0], w_q.shape[1] * 8, x.shape[0], num_sms(x.device))
+    if epilogue is not None and config is None:       # a warp takes a gate row and its up row
+        cfg = dataclasses.replace(cfg, rows_per_warp=2)
     if not 1 <= x.shape[0] <= MAX_M:
         raise ValueError(f"int4_gemv takes 1 to {MAX_M} rows of x, got {x.shape[0]}")
-    check_operands(x, w_q, scales, zeros, perm, bias, group_size, cfg, fused)
+    check_operands(x, w_q, scales, zeros, perm, bias, group_size, cfg, fused, epilogue)
     norm = fused is not None and fused.op == "rms_norm"
     return _module().wna16_int4_gemv(
         x, w_q, scales, zeros, perm, bias, group_size, cfg.rows_per_warp, cfg.loads_per_lane,
         cfg.blocks_per_sm, cfg.prefetch_steps, PROLOGUES[fused.op] if fused else 0,
         fused.residual if norm else None, fused.residual_out if norm else None,
-        fused.weight if norm else None, float(fused.eps) if norm else 0.0, pdl(x.device))
+        fused.weight if norm else None, float(fused.eps) if norm else 0.0, pdl(x.device),
+        EPILOGUES[epilogue] if epilogue else 0)

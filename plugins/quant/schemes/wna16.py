@@ -224,6 +224,21 @@ class WNA16Scheme(Scheme):
             y = xs @ w.t() if bias is None else torch.addmm(bias, xs, w.t())
         return y.view(*x.shape[:-1], y.shape[-1])
 
+    def fuses_output(self, layer, op, x):
+        """The native int4 GEMV applies SiLU-and-mul to its output (1-4 rows on CUDA, an even
+        number of output rows), x plain or a FusedInput it takes."""
+        t, before = (x.x, x.op) if isinstance(x, FusedInput) else (x, None)
+        if not (isinstance(t, torch.Tensor) and t.is_cuda and t.dim() == 2):
+            return False
+        native, _, _ = _kernels()
+        return native.applies(t, layer.w_q, layer.w_scales, self.bits, layer.group_size,
+                              layer.w_g_idx, before, epilogue=op)
+
+    def apply_fused_output(self, layer, x, bias, op):
+        native, _, _ = _kernels()
+        return native.int4_gemv(x, layer.w_q, layer.w_scales, layer.w_zeros, layer.w_perm,
+                                layer.group_size, bias, epilogue=op)
+
     def triton_matmul(self, layer, x2, bias):
         """The GEMV (bias fused) for the rows of a decode step: the native int4 one where it
         applies, else Triton's; the GEMM beyond."""
