@@ -40,23 +40,27 @@ def without_attention(backend):
 
 @contextlib.contextmanager
 def without_linears(suffix: str = ""):
-    """Linears whose prefix ends with ``suffix`` (all: "") return an empty tensor."""
-    originals = {cls: cls.__dict__["forward"] for cls in (Linear, RowParallelLinear)}
+    """Linears whose prefix ends with ``suffix`` (all: "") return an empty tensor (of half the
+    columns where they were to apply SiLU-and-mul to their output)."""
+    originals = [(cls, name, cls.__dict__[name]) for cls, name in (
+        (Linear, "forward"), (RowParallelLinear, "forward"), (Linear, "forward_fused_output"))]
 
-    def patched(original):
-        def maybe_empty(self, x):
+    def patched(original, columns):
+        def maybe_empty(self, x, *op):
             if not self.prefix.endswith(suffix):
-                return original(self, x)
+                return original(self, x, *op)
             t = x.x if isinstance(x, FusedInput) else x
-            return torch.empty(t.shape[0], self.output_size, dtype=t.dtype, device=t.device)
+            return torch.empty(t.shape[0], columns(self), dtype=t.dtype, device=t.device)
         return maybe_empty
-    for cls, original in originals.items():
-        cls.forward = patched(original)
+    for cls, name, original in originals:
+        cls_columns = ((lambda lin: lin.output_size // 2) if name == "forward_fused_output"
+                       else (lambda lin: lin.output_size))
+        setattr(cls, name, patched(original, cls_columns))
     try:
         yield
     finally:
-        for cls, original in originals.items():
-            cls.forward = original
+        for cls, name, original in originals:
+            setattr(cls, name, original)
 
 
 @contextlib.contextmanager
