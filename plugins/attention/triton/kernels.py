@@ -185,6 +185,14 @@ def _decode_attention(out_ptr, part_out_ptr, part_lse_ptr, q_ptr, cache_ptr, blo
     d = tl.arange(0, HEAD_PAD)
     d_ok = d < HEAD_SIZE
     mask = h_ok[:, None] & d_ok[None, :]
+    if NUM_SPLITS > 1:
+        if kv_start >= seq_len:
+            # An empty split (a context shorter than the splits): only its log-sum-exp, -inf,
+            # which _reduce_splits weighs by zero without reading its partial output.
+            row = (seq * NUM_HEADS + head) * NUM_SPLITS + split
+            tl.store(part_lse_ptr + row, tl.full([BLOCK_H], float("-inf"), tl.float32),
+                     mask=h_ok)
+            return
     q = _compute_queries(tl.load(q_ptr + seq * q_stride_t + head[:, None] * q_stride_h +
                                  d[None, :], mask=mask, other=0.0), FP16)
 
@@ -224,8 +232,8 @@ def _reduce_splits(out_ptr, part_out_ptr, part_lse_ptr, o_stride_t, o_stride_h,
     lse_max = tl.max(lse, 0)
     # Empty splits have lse = -inf and weigh nothing; an empty sequence gives zeros.
     w = tl.exp2(lse - tl.where(lse_max == float("-inf"), 0.0, lse_max))
-    part = tl.load(part_out_ptr + row[:, None] * HEAD_SIZE + d[None, :], mask=d_ok[None, :],
-                   other=0.0)
+    part = tl.load(part_out_ptr + row[:, None] * HEAD_SIZE + d[None, :],
+                   mask=(lse > float("-inf"))[:, None] & d_ok[None, :], other=0.0)
     total = tl.sum(w, 0)
     acc = tl.sum(part * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
     tl.store(out_ptr + seq * o_stride_t + head * o_stride_h + d, acc.to(out_ptr.dtype.element_ty),
