@@ -76,6 +76,18 @@ def test_configs(rows, loads, blocks_per_sm, prefetch, gen):
 
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("rows,loads,min_blocks", sorted(native.BUILT_MIN_BLOCKS))
+def test_builds_for_more_blocks_per_sm(rows, loads, min_blocks, gen):
+    """The one-row tiles built for 3 or 4 resident blocks per SM (fewer registers a thread),
+    over a grid that loops over its tiles, with the norm fused and without."""
+    cfg = native.NativeGemvConfig(rows, loads, min_blocks, 0, min_blocks)
+    check(1, 4099, 2048, 128, torch.bfloat16, gen, with_perm=True, config=cfg)
+    check_fused("rms_norm", 1, 3000, 1024, 128, torch.bfloat16, gen, with_residual=True,
+                config=cfg)
+
+
+@gpu
+@needs_cuda
 @pytest.mark.parametrize("x_gain", [1e4, 1e-4])
 def test_large_and_tiny_activations(x_gain, gen):
     """x is scaled per 32 inputs into fp16's range: |x| up to 1e4 neither overflows the fp16 sums
@@ -302,6 +314,12 @@ def test_refuses_bad_operands(gen):
     any machine: the checks need no GPU)."""
     (x, w_q, scales, zeros, _, _), _ = operands(1, 64, 256, 4, 128, False, False, False,
                                                 torch.bfloat16, gen)
+    with pytest.raises(ValueError, match=r"min_blocks 3 is built for one row of x"):
+        native.int4_gemv(x.repeat(2, 1), w_q, scales, zeros, None, 128,
+                         config=native.NativeGemvConfig(1, 4, 3, 0, 3))
+    with pytest.raises(ValueError, match=r"min_blocks 4 is built"):
+        native.int4_gemv(x, w_q, scales, zeros, None, 128,
+                         config=native.NativeGemvConfig(2, 4, 4, 0, 4))
     with pytest.raises(ValueError, match="epilogue must be one of"):
         native.int4_gemv(x, w_q, scales, zeros, None, 128, epilogue="gelu_and_mul")
     with pytest.raises(ValueError, match="even number of rows of W"):
