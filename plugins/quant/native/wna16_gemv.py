@@ -39,23 +39,17 @@ EPILOGUES = {"silu_and_mul": 1}                     # (0: plain y)
 
 BUILT = {1: {(1, 4), (2, 4), (1, 2), (1, 8), (2, 2), (2, 8), (4, 2), (4, 4)},
          2: {(1, 4), (2, 4)}, 3: {(1, 4), (2, 4)}, 4: {(1, 4), (2, 4)}}
-# One-row tiles also built for 3 or 4 blocks per SM (fewer registers a thread):
-# (rows_per_warp, loads_per_lane, min_blocks).
-BUILT_MIN_BLOCKS = {(1, 2, 3), (1, 2, 4), (1, 4, 3), (2, 2, 3)}
 
 
 @dataclass(frozen=True)
 class NativeGemvConfig:
     """rows_per_warp rows of W per warp at once, loads_per_lane 16-byte loads of each in flight
     per lane (BUILT: the pairs compiled per M), at most blocks_per_sm blocks of 256 threads per SM
-    (each stages x once), prefetch_steps batches asked into L2 ahead of their loads; min_blocks
-    3 or 4 takes the tile's build for that many resident blocks (BUILT_MIN_BLOCKS; 0: the
-    default build, two blocks per SM for the one-row tiles)."""
+    (each stages x once), prefetch_steps batches asked into L2 ahead of their loads."""
     rows_per_warp: int = 2
     loads_per_lane: int = 4
     blocks_per_sm: int = 2
     prefetch_steps: int = 0
-    min_blocks: int = 0
 
 
 @functools.cache
@@ -100,11 +94,6 @@ def check_operands(x, w_q, scales, zeros, perm, bias, group_size: int,
         raise ValueError(f"int4_gemv: no kernel built for rows_per_warp {cfg.rows_per_warp}, "
                          f"loads_per_lane {cfg.loads_per_lane} at {m} rows of x; built: "
                          f"{sorted(BUILT.get(m, ()))}")
-    if cfg.min_blocks and (m != 1 or (cfg.rows_per_warp, cfg.loads_per_lane, cfg.min_blocks)
-                           not in BUILT_MIN_BLOCKS):
-        raise ValueError(f"int4_gemv: min_blocks {cfg.min_blocks} is built for one row of x and "
-                         f"(rows_per_warp, loads_per_lane, min_blocks) in "
-                         f"{sorted(BUILT_MIN_BLOCKS)}; got {m} rows, {cfg}")
     if cfg.blocks_per_sm < 1 or cfg.prefetch_steps < 0:
         raise ValueError(f"int4_gemv: blocks_per_sm must be >= 1 and prefetch_steps >= 0, got "
                          f"{cfg.blocks_per_sm}, {cfg.prefetch_steps}")
@@ -234,4 +223,4 @@ def int4_gemv(x: torch.Tensor | FusedInput, w_q: torch.Tensor, scales: torch.Ten
         cfg.blocks_per_sm, cfg.prefetch_steps, PROLOGUES[fused.op] if fused else 0,
         fused.residual if norm else None, fused.residual_out if norm else None,
         fused.weight if norm else None, float(fused.eps) if norm else 0.0, pdl(x.device),
-        EPILOGUES[epilogue] if epilogue else 0, cfg.min_blocks)
+        EPILOGUES[epilogue] if epilogue else 0)
