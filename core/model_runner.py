@@ -29,7 +29,7 @@ from loom.distributed.group import SINGLE, TensorParallelGroup, building
 from loom.model_config import ModelConfig
 from loom.models.layers import VocabEmbedding, local_head_counts
 from loom.platform import Platform
-from loom.sampler import Sampler, SamplerOutput, SamplingRow, TokenSpan, to_device
+from loom.sampler import Sampler, SamplerOutput, SamplingRow, TokenSpan, argmax, to_device
 from loom.sampling_params import SamplingParams
 from loom.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from loom.spec_decode.proposer import ProposalRequest, Proposer
@@ -425,7 +425,7 @@ class ModelRunner:
     def _sample(self, logits: torch.Tensor, hb: HostBatch) -> tuple[list[SamplingRow],
                                                                     SamplerOutput]:
         if all(self.requests[r].sampling_params.plain_greedy for r in hb.sampling_req_ids):
-            return [], SamplerOutput(logits.argmax(dim=-1))   # no per-row work
+            return [], SamplerOutput(argmax(logits))   # no per-row work
         rows = self._sampling_rows(hb)
         return rows, self.sampler.forward(logits, rows)
 

@@ -18,6 +18,7 @@ from loom.bench.common import (Run, Target, add_result_args, copy_bandwidth, for
                                ms, random_prompts, ratio, require_positive, run_requests,
                                start_engine, startup_line, step_profile, summarize, write_record)
 from loom.config import EngineConfig
+from loom.sampler import argmax
 
 NAME = "latency"
 HELP = "latency of one batch at a time: end to end, prefill, decode step, roofline share"
@@ -135,7 +136,7 @@ def device_step(engine, batch_size: int, steps: int = 50) -> dict | None:
 
     def with_logits():
         graph.replay()
-        runner.model.compute_logits(out[:batch_size]).argmax(dim=-1)
+        argmax(runner.model.compute_logits(out[:batch_size]))
 
     figures = {}
     with torch.inference_mode():
