@@ -84,7 +84,8 @@ GEMV_CONFIGS = {   # name: config; default: the kernel's (128 rows, 128 inputs, 
     **{f"cuda{r}x{u}b{b}p{p}": NativeGemvConfig(r, u, b, p) for r, u, b, p in [
         (2, 4, 2, 0), (2, 4, 2, 4), (1, 4, 2, 2), (1, 4, 2, 4), (1, 4, 3, 2), (4, 4, 1, 2),
         (4, 4, 1, 4), (2, 2, 3, 2), (2, 2, 3, 4), (4, 2, 2, 2), (1, 2, 4, 4), (2, 8, 1, 2),
-        (1, 8, 2, 2)]},
+        (1, 8, 2, 2), (1, 4, 2, 0), (2, 2, 3, 0), (2, 2, 2, 0), (1, 8, 2, 0), (4, 2, 2, 0),
+        (2, 8, 1, 0)]},
     # torch's int4 kernel (tinygemm, _weight_int4pack_mm), bf16 x, for comparison
     "tinygemm": "tinygemm",
 }

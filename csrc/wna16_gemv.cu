@@ -310,7 +310,9 @@ __device__ void write_sum(const T* __restrict__ x, const Shape& s, const Prologu
 }
 
 // Issues the loads of batch b (U loads per lane and row) of a warp's R rows in a tile; lanes past
-// the end of a row load its last chunk again, which multiply_batch weighs by zero.
+// the end of a row load its last chunk again, which multiply_batch weighs by zero. Offsets are
+// 32-bit (the wrapper checks that W has fewer than 2^31 chunks), so each address is one multiply-add
+// on the base pointer.
 template <typename T, int R, int U>
 __device__ __forceinline__ void load_batch(const uint4* __restrict__ w, const T* __restrict__ scales,
                                            const T* __restrict__ zeros, const Shape& s, int tile,
@@ -325,14 +327,12 @@ __device__ __forceinline__ void load_batch(const uint4* __restrict__ w, const T*
 #pragma unroll
   for (int r = 0; r < R; ++r) {
     const int row = min(w_row<R>(s, tile, r), s.N - 1);
-    const uint4* wr = w + static_cast<int64_t>(row) * s.chunks;
-    const T* sr = scales + static_cast<int64_t>(row) * s.G;
-    const T* zr = zeros + static_cast<int64_t>(row) * s.G;
+    const int w_first = row * s.chunks, g_first = row * s.G;
 #pragma unroll
     for (int j = 0; j < U; ++j) {
-      out.w[r][j] = load_streaming(wr + u[j]);
-      out.scale[r][j] = sr[g[j]];
-      out.zero[r][j] = zr[g[j]];
+      out.w[r][j] = load_streaming(w + (w_first + u[j]));
+      out.scale[r][j] = scales[g_first + g[j]];
+      out.zero[r][j] = zeros[g_first + g[j]];
     }
   }
 }
@@ -693,6 +693,8 @@ torch::Tensor wna16_int4_gemv(torch::Tensor x, torch::Tensor w_q, torch::Tensor 
   TORCH_CHECK(x.size(1) == (prologue == kSiluAndMul ? 2 * K : K),
               "wna16_int4_gemv: x has the wrong number of columns");
   TORCH_CHECK(K % kChunk == 0, "wna16_int4_gemv: K is not a multiple of 32");
+  TORCH_CHECK(N * (K / kChunk) < (int64_t{1} << 31),
+              "wna16_int4_gemv: W has 2^31 or more 16-byte chunks (32-bit offsets)");
   TORCH_CHECK(group_size >= K || (group_size > 0 && group_size % kChunk == 0),
               "wna16_int4_gemv: the group size is not a multiple of 32");
   const int64_t G = group_size >= K ? 1 : K / group_size;

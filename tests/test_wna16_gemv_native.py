@@ -322,6 +322,11 @@ def test_refuses_bad_operands(gen):
                          config=native.NativeGemvConfig(4, 4, 1))
     with pytest.raises(ValueError, match="bias must be"):
         native.int4_gemv(x, w_q, scales, zeros, None, 128, bias=scales[:, 0].float())
+    # 2^31 16-byte chunks of W (meta tensors: shapes only) overflow the kernel's 32-bit offsets
+    big = torch.empty(1 << 20, 1 << 16, dtype=torch.int32, device="meta")
+    with pytest.raises(ValueError, match="2\\^31 or more 16-byte chunks"):
+        native.int4_gemv(torch.empty(1, 1 << 19, dtype=torch.bfloat16, device="meta"), big,
+                         scales, zeros, None, 128)
 
 
 @gpu

@@ -90,6 +90,9 @@ def check_operands(x, w_q, scales, zeros, perm, bias, group_size: int,
                          f"number of rows of W and rows_per_warp 2; got {epilogue!r}, {n} rows, "
                          f"rows_per_warp {cfg.rows_per_warp}")
     g = 1 if group_size >= k else k // group_size
+    if n * (k // 32) >= 2**31:
+        raise ValueError(f"int4_gemv: w_q {tuple(w_q.shape)} has 2^31 or more 16-byte chunks; "
+                         f"the kernel addresses W with 32-bit offsets")
     if (cfg.rows_per_warp, cfg.loads_per_lane) not in BUILT.get(m, ()):
         raise ValueError(f"int4_gemv: no kernel built for rows_per_warp {cfg.rows_per_warp}, "
                          f"loads_per_lane {cfg.loads_per_lane} at {m} rows of x; built: "
