@@ -40,8 +40,10 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def kernel_us(llm: LLM, prompts, max_tokens: int) -> dict[str, float]:
-    """Summed CUDA kernel time (us) by kernel name over one generate."""
+def kernel_us(llm: LLM, prompts, max_tokens: int, timeline: list | None = None
+              ) -> dict[str, float]:
+    """Summed CUDA kernel time (us) by kernel name over one generate; ``timeline`` (a list)
+    receives every kernel as (start us, end us, name), in start order."""
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     sync()
     activity = ProfilerActivity.CUDA if torch.cuda.is_available() else ProfilerActivity.CPU
@@ -53,7 +55,22 @@ def kernel_us(llm: LLM, prompts, max_tokens: int) -> dict[str, float]:
         if event.device_type == torch.autograd.DeviceType.CUDA:
             totals[event.name[:60]] += event.device_time_total if hasattr(
                 event, "device_time_total") else event.cuda_time_total
+            if timeline is not None:
+                timeline.append((event.time_range.start, event.time_range.end, event.name))
+    if timeline is not None:
+        timeline.sort()
     return totals
+
+
+def layer_window(timeline: list, count: int) -> list[dict]:
+    """``count`` consecutive kernels from the middle of the last decode step (the last half of
+    the timeline's kernels is decode), each with its duration and the gap since the one before
+    ended (negative: they overlapped, e.g. under programmatic dependent launch)."""
+    first = max(1, len(timeline) - len(timeline) // 4)
+    window = timeline[first - 1:first + count]
+    return [{"kernel": name[:60], "us": round(end - start, 2),
+             "gap_us": round(start - window[i][1], 2)}
+            for i, (start, end, name) in enumerate(window[1:])]
 
 
 def step_ms(llm: LLM, prompts, n: int) -> float:
@@ -80,6 +97,8 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--graphs", action="store_true",
                     help="profile the graph-replayed steps instead of eager ones")
+    ap.add_argument("--timeline", type=int, default=0, metavar="N",
+                    help="also list N consecutive kernels of a decode step with their gaps")
     ap.add_argument("--json")
     args = ap.parse_args()
     values = read_yaml(args.config)
@@ -104,7 +123,10 @@ def main() -> None:
     figures["profiled"] = "graph replays" if args.graphs else "eager steps"
     kernel_us(llm, prompts, 2)                                   # warm-up
     base = kernel_us(llm, prompts, 1)
-    full = kernel_us(llm, prompts, 1 + args.steps)
+    timeline: list = []
+    full = kernel_us(llm, prompts, 1 + args.steps, timeline)
+    if args.timeline:
+        figures["timeline"] = layer_window(timeline, args.timeline)
     per_step = {k: (full[k] - base.get(k, 0.0)) / args.steps for k in full}
     rows = sorted(((k, v) for k, v in per_step.items() if v > 0.05), key=lambda r: -r[1])
     total = sum(v for _, v in rows) or 1e-9
@@ -116,6 +138,8 @@ def main() -> None:
           f"kernels {total / 1e3:.3f} ms per step ({figures['profiled']})")
     for r in figures["kernels"][:args.top]:
         print(f"  {r['us']:9.1f} us  {100 * r['share']:5.1f}%  {r['kernel']}")
+    for r in figures.get("timeline", []):
+        print(f"  gap {r['gap_us']:6.2f} us  {r['us']:7.2f} us  {r['kernel']}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"benchmark": "decode_profile", "commit": git_commit(),
