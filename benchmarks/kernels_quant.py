@@ -81,6 +81,7 @@ GEMV_CONFIGS = {   # name: config; default: the kernel's (128 rows, 128 inputs, 
     # the native int4 GEMV (csrc/wna16_gemv.cu), 1-4 rows of x: "cuda" is its default, else
     # cuda{rows per warp}x{loads per lane}b{blocks per SM}p{batches prefetched into L2}
     "cuda": NativeGemvConfig(),
+    "cudamma": NativeGemvConfig(mma=True),    # the tensor-core path (one row of x)
     **{f"cuda{r}x{u}b{b}p{p}": NativeGemvConfig(r, u, b, p) for r, u, b, p in [
         (2, 4, 2, 0), (2, 4, 2, 4), (1, 4, 2, 2), (1, 4, 2, 4), (1, 4, 3, 2), (4, 4, 1, 2),
         (4, 4, 1, 4), (2, 2, 3, 2), (2, 2, 3, 4), (4, 2, 2, 2), (1, 2, 4, 4), (2, 8, 1, 2),
@@ -249,9 +250,12 @@ def gemv_applies(layer: Linear, x: torch.Tensor, config) -> bool:
         return (DEVICE == "cuda" and scheme.bits == 4 and layer.w_perm is None
                 and x.dtype == torch.bfloat16)
     if isinstance(config, NativeGemvConfig):
-        return native_gemv.applies(x, layer.w_q, layer.w_scales, scheme.bits, layer.group_size,
-                                   layer.w_g_idx) and (
-            config.rows_per_warp, config.loads_per_lane) in native_gemv.BUILT[x.shape[0]]
+        if not native_gemv.applies(x, layer.w_q, layer.w_scales, scheme.bits, layer.group_size,
+                                   layer.w_g_idx):
+            return False
+        if config.mma:
+            return x.shape[0] == 1 and native_gemv.mma_applies(x.shape[1], layer.group_size)
+        return (config.rows_per_warp, config.loads_per_lane) in native_gemv.BUILT[x.shape[0]]
     return True
 
 

@@ -97,6 +97,48 @@ def test_zero_and_mixed_chunks(gen):
     assert ((out.float().cpu() - ref).norm() / ref.norm()).item() < 5e-3
 
 
+MMA = native.NativeGemvConfig(mma=True)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,k,group_size,symmetric,with_perm,with_bias", [
+    (333, 1024, 128, False, True, True), (16, 128, -1, True, False, False),
+    (200, 768, 256, False, False, True), (4096, 14336, 128, False, False, False),
+    (6144, 4096, 128, True, True, False), (40, 2048, -1, False, True, True)])
+def test_mma_against_reference(dtype, n, k, group_size, symmetric, with_perm, with_bias, gen):
+    """The tensor-core path: N not a multiple of its 16-row tiles, K from one 128-input step to
+    112 (not a multiple of the 8 warps' 4-step batches), one group, groups of two steps, act
+    order; the Llama-3-8B down and qkv shapes."""
+    check(1, n, k, group_size, dtype, gen, symmetric, with_perm, with_bias, config=MMA)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("x_gain", [1e4, 1e-4])
+def test_mma_large_and_tiny_activations(x_gain, gen):
+    """x staged with one power of two per 128 inputs: no overflow at 1e4, no lost precision at
+    1e-4."""
+    check(1, 512, 4096, 128, torch.bfloat16, gen, x_gain=x_gain, config=MMA)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("op,with_residual", [("rms_norm", True), ("silu_and_mul", False)])
+def test_mma_fused_input(op, with_residual, gen):
+    check_fused(op, 1, 333, 1024, 128, torch.bfloat16, gen, with_residual, config=MMA)
+
+
+def test_default_config_takes_the_tensor_core_path_where_it_applies():
+    assert native.default_config(4096, 4096, 1, 132, 128, mma=True).mma
+    assert native.default_config(4096, 4096, 1, 132, 4096, mma=True).mma    # one group
+    assert not native.default_config(4096, 4096, 1, 132, 128, mma=False).mma
+    assert not native.default_config(4096, 4096, 1, 132, 64, mma=True).mma
+    assert not native.default_config(4096, 4096, 2, 132, 128, mma=True).mma
+    assert not native.default_config(4096, 4000, 1, 132, -1, mma=True).mma  # K % 128
+
+
 def fused_operands(op, m, k, dtype, gen, with_residual):
     """Two identical FusedInputs on the GPU (one for the kernel, one for the reference)."""
     def cuda(t):
@@ -172,7 +214,7 @@ def silu_and_mul_ref(z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 @pytest.mark.parametrize("m", [1, 2, 3, 4])
 @pytest.mark.parametrize("n,k,group_size,with_perm,with_bias,norm", [
     (2 * 333, 1024, 128, False, True, False), (2 * 96, 256, 32, True, False, True),
-    (2 * 7, 96, -1, False, True, True)])
+    (2 * 7, 96, -1, False, True, True), (2 * 7, 128, -1, False, True, True)])
 def test_silu_and_mul_epilogue_against_reference(dtype, m, n, k, group_size, with_perm,
                                                    with_bias, norm, gen):
     """silu(z[:, :N/2]) * z[:, N/2:] of z = x W^T + b in the GEMV's own kernel against the same
@@ -211,16 +253,22 @@ def test_silu_and_mul_epilogue_against_reference(dtype, m, n, k, group_size, wit
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("m", [1, 3])
-@pytest.mark.parametrize("inter,k", [(14336, 4096), (160, 96)])
-def test_epilogue_gives_what_the_next_prologue_would(m, inter, k, gen):
+@pytest.mark.parametrize("inter,k,group_size,mma", [
+    (14336, 4096, 32, False), (160, 96, 32, False), (14336, 4096, 128, True),
+    (384, 256, 128, True)])
+def test_epilogue_gives_what_the_next_prologue_would(m, inter, k, group_size, mma, monkeypatch,
+                                                     gen):
     """The MLP both ways, gate|up with the norm before it: its kernel applying SiLU-and-mul to
     its output, or the down projection's kernel applying it to its input (the Llama-3-8B sizes
-    and a small one). The activation is rounded the same way in both, so the outputs are
-    bit-equal; also inside a replayed CUDA graph with programmatic launches."""
+    and a small one; with mma, one row of x takes the tensor-core path). The activation is
+    rounded the same way in both, so the outputs are bit-equal; also inside a replayed CUDA
+    graph with programmatic launches."""
+    if mma:
+        monkeypatch.setenv("LOOM_NATIVE_MMA", "1")
     layers = []
     for n, kk in ((2 * inter, k), (k, inter)):
-        (_, w_q, scales, zeros, _, bias), _ = operands(1, n, kk, 4, 32, False, False, True,
-                                                       torch.bfloat16, gen)
+        (_, w_q, scales, zeros, _, bias), _ = operands(1, n, kk, 4, group_size, False, False,
+                                                       True, torch.bfloat16, gen)
         layers.append([t.cuda() for t in (w_q, scales, zeros)] + [bias.cuda()])
     (gate_up, down) = layers
     x = torch.empty(m, k, dtype=torch.bfloat16, device="cuda")
@@ -231,12 +279,13 @@ def test_epilogue_gives_what_the_next_prologue_would(m, inter, k, gen):
         total = torch.empty_like(x)
         h = FusedInput("rms_norm", x, norm_w, 1e-5, residual, total)
         if fused_output:
-            act = native.int4_gemv(h, *gate_up[:3], None, 32, gate_up[3],
+            act = native.int4_gemv(h, *gate_up[:3], None, group_size, gate_up[3],
                                    epilogue="silu_and_mul")
-            y = native.int4_gemv(act, *down[:3], None, 32, down[3])
+            y = native.int4_gemv(act, *down[:3], None, group_size, down[3])
         else:
-            z = native.int4_gemv(h, *gate_up[:3], None, 32, gate_up[3])
-            y = native.int4_gemv(FusedInput("silu_and_mul", z), *down[:3], None, 32, down[3])
+            z = native.int4_gemv(h, *gate_up[:3], None, group_size, gate_up[3])
+            y = native.int4_gemv(FusedInput("silu_and_mul", z), *down[:3], None, group_size,
+                                 down[3])
         return torch.cat([y, total], dim=1)
 
     def new_inputs():
@@ -322,6 +371,12 @@ def test_refuses_bad_operands(gen):
                          config=native.NativeGemvConfig(4, 4, 1))
     with pytest.raises(ValueError, match="bias must be"):
         native.int4_gemv(x, w_q, scales, zeros, None, 128, bias=scales[:, 0].float())
+    with pytest.raises(ValueError, match="mma takes one row of x"):
+        native.int4_gemv(x.repeat(2, 1), w_q, scales, zeros, None, 128, config=MMA)
+    (x64, w64, s64, z64, _, _), _ = operands(1, 64, 256, 4, 64, False, False, False,
+                                             torch.bfloat16, gen)
+    with pytest.raises(ValueError, match="groups of a multiple of 128"):
+        native.int4_gemv(x64, w64, s64, z64, None, 64, config=MMA)
     # 2^31 16-byte chunks of W (meta tensors: shapes only) overflow the kernel's 32-bit offsets
     big = torch.empty(1 << 20, 1 << 16, dtype=torch.int32, device="meta")
     with pytest.raises(ValueError, match="2\\^31 or more 16-byte chunks"):

@@ -14,6 +14,12 @@ programmatic dependent (PDL), overlapping its first weight loads with the kernel
 ``epilogue="silu_and_mul"`` returns silu(z[:, :N/2]) * z[:, N/2:] of z = x @ W^T (+ bias), the
 gate|up projection and its activation in one kernel (``LOOM_NATIVE_FUSED_OUTPUT=0`` declines
 it: the next linear's kernel applies the activation as its input instead).
+
+``NativeGemvConfig(mma=True)`` takes the tensor-core path for one row of x (K a multiple of 128,
+groups of a multiple of 128 inputs or one group): 16 rows of W a tile, the dot products as
+m16n8k16 MMAs, about 40% fewer instructions per byte of W than the lanes' fp16x2 FMAs. On the
+H200 it made the batch-1 GPTQ decode step slower (run 66: 2.59 ms against 2.20 with the lanes'
+path, run 61), so the defaults take it only with ``LOOM_NATIVE_MMA=1``.
 """
 from __future__ import annotations
 
@@ -50,15 +56,25 @@ class NativeGemvConfig:
     loads_per_lane: int = 4
     blocks_per_sm: int = 2
     prefetch_steps: int = 0
+    mma: bool = False     # the tensor-core path (one row of x; rows_per_warp, loads_per_lane unused)
+
+
+def mma_applies(k: int, group_size: int) -> bool:
+    """Whether the tensor-core path takes K inputs in groups of group_size (>= K: one group)."""
+    return k % 128 == 0 and (group_size >= k or group_size % 128 == 0)
 
 
 @functools.cache
-def default_config(n: int, k: int, m: int, sms: int) -> NativeGemvConfig:
+def default_config(n: int, k: int, m: int, sms: int, group_size: int = -1,
+                   mma: bool = False) -> NativeGemvConfig:
     """From the H200 sweep (benchmarks/results/kernels_quant_gemv_native_h200_run*.json): one row
     of x takes 2 rows per warp, unless 1 row per warp splits the rows into tiles that fill the
     grid's last round better (each block handles whole tiles); long rows (K > 8192) 2 loads per
     lane and 3 blocks per SM. Two rows of x take 1 row per warp, more take 2. ``sms``: the
-    device's multiprocessor count."""
+    device's multiprocessor count. ``mma``: one row of x takes the tensor-core path where it
+    applies (groups of group_size inputs, -1: one group)."""
+    if mma and m == 1 and mma_applies(k, k if group_size < 0 else group_size):
+        return NativeGemvConfig(mma=True)
     if m >= 3:
         return NativeGemvConfig(2, 4, 2)
     if m == 2:
@@ -85,15 +101,20 @@ def check_operands(x, w_q, scales, zeros, perm, bias, group_size: int,
     """ValueError naming what the kernel cannot take (checked here, before the extension)."""
     m = x.shape[0]
     n, k = w_q.shape[0], w_q.shape[1] * 8
-    if epilogue is not None and (epilogue not in EPILOGUES or n % 2 or cfg.rows_per_warp != 2):
+    if epilogue is not None and (epilogue not in EPILOGUES or n % 2
+                                 or (cfg.rows_per_warp != 2 and not cfg.mma)):
         raise ValueError(f"int4_gemv: epilogue must be one of {sorted(EPILOGUES)}, with an even "
-                         f"number of rows of W and rows_per_warp 2; got {epilogue!r}, {n} rows, "
-                         f"rows_per_warp {cfg.rows_per_warp}")
+                         f"number of rows of W and rows_per_warp 2 (or mma); got {epilogue!r}, "
+                         f"{n} rows, rows_per_warp {cfg.rows_per_warp}")
+    if cfg.mma and (m != 1 or not mma_applies(k, group_size)):
+        raise ValueError(f"int4_gemv: mma takes one row of x, K a multiple of 128 and groups of a "
+                         f"multiple of 128 inputs (or one group); got {m} rows, K {k}, group size "
+                         f"{group_size}")
     g = 1 if group_size >= k else k // group_size
     if n * (k // 32) >= 2**31:
         raise ValueError(f"int4_gemv: w_q {tuple(w_q.shape)} has 2^31 or more 16-byte chunks; "
                          f"the kernel addresses W with 32-bit offsets")
-    if (cfg.rows_per_warp, cfg.loads_per_lane) not in BUILT.get(m, ()):
+    if not cfg.mma and (cfg.rows_per_warp, cfg.loads_per_lane) not in BUILT.get(m, ()):
         raise ValueError(f"int4_gemv: no kernel built for rows_per_warp {cfg.rows_per_warp}, "
                          f"loads_per_lane {cfg.loads_per_lane} at {m} rows of x; built: "
                          f"{sorted(BUILT.get(m, ()))}")
@@ -214,8 +235,9 @@ def int4_gemv(x: torch.Tensor | FusedInput, w_q: torch.Tensor, scales: torch.Ten
     fused = x if isinstance(x, FusedInput) else None
     if fused is not None:
         x = fused.x
-    cfg = config or default_config(w_q.shape[0], w_q.shape[1] * 8, x.shape[0], num_sms(x.device))
-    if epilogue is not None and config is None:       # a warp takes a gate row and its up row
+    cfg = config or default_config(w_q.shape[0], w_q.shape[1] * 8, x.shape[0], num_sms(x.device),
+                                   group_size, os.environ.get("LOOM_NATIVE_MMA") == "1")
+    if epilogue is not None and config is None and not cfg.mma:   # a warp: a gate row, its up row
         cfg = dataclasses.replace(cfg, rows_per_warp=2)
     if not 1 <= x.shape[0] <= MAX_M:
         raise ValueError(f"int4_gemv takes 1 to {MAX_M} rows of x, got {x.shape[0]}")
@@ -226,4 +248,4 @@ def int4_gemv(x: torch.Tensor | FusedInput, w_q: torch.Tensor, scales: torch.Ten
         cfg.blocks_per_sm, cfg.prefetch_steps, PROLOGUES[fused.op] if fused else 0,
         fused.residual if norm else None, fused.residual_out if norm else None,
         fused.weight if norm else None, float(fused.eps) if norm else 0.0, pdl(x.device),
-        EPILOGUES[epilogue] if epilogue else 0)
+        EPILOGUES[epilogue] if epilogue else 0, cfg.mma)
