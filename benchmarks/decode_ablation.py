@@ -73,9 +73,9 @@ def kv_splits(backend, splits: int):
         backend.kv_splits = saved
 
 
-def step_ms(runner, context_len: int, steps: int, repeat: int) -> float:
-    """ms per batch-1 decode forward at context_len: a graph of `repeat` forwards captured now
-    (over DecodeGraphs' buffers, no KV written), replayed back to back."""
+def capture(runner, context_len: int, repeat: int):
+    """A graph of `repeat` batch-1 decode forwards at context_len, captured now over DecodeGraphs'
+    buffers (no KV written), replayed 3 times; returns (graph, the DecodeGraphs it reads)."""
     graphs = DecodeGraphs(runner, [1])
     blocks = -(-context_len // runner.block_size)
     graphs.seq_lens[0] = context_len
@@ -93,6 +93,13 @@ def step_ms(runner, context_len: int, steps: int, repeat: int) -> float:
                 graphs._forward(1, metadata)
     for _ in range(3):
         graph.replay()
+    return graph, graphs
+
+
+def step_ms(runner, context_len: int, steps: int, repeat: int) -> float:
+    """ms per batch-1 decode forward at context_len: a graph of `repeat` forwards captured now
+    (capture), replayed back to back."""
+    graph, graphs = capture(runner, context_len, repeat)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(steps):

@@ -2,7 +2,8 @@
 
 ``load(name)`` compiles ``csrc/<name>.cu`` for this device's architecture the first time it is
 asked for (the build is cached under TORCH_EXTENSIONS_DIR, keyed by the source, so a later
-process loads it in a second) and returns the module. Each kernel here has a Triton or torch twin
+process loads it in a second) and returns the module. ``load(name, ("X",))`` builds a variant
+with the macro X defined (a module of its own, e.g. a kernel's tracing build). Each kernel here has a Triton or torch twin
 that its tests compare it against and that runs wherever it cannot be built.
 """
 from __future__ import annotations
@@ -20,8 +21,9 @@ class BuildError(RuntimeError):
 
 
 @functools.cache
-def load(name: str):
-    """The module built from csrc/<name>.cu; BuildError says why there is none."""
+def load(name: str, defines: tuple[str, ...] = ()):
+    """The module built from csrc/<name>.cu with the macros ``defines`` defined; BuildError says
+    why there is none."""
     source = SOURCES / f"{name}.cu"
     if not source.exists():
         raise BuildError(f"no native kernel {name!r} (looked for {source})")
@@ -31,11 +33,13 @@ def load(name: str):
     from torch.utils import cpp_extension
     major, minor = torch.cuda.get_device_capability()
     arch = f"{major}{minor}"
+    flags = [f"-D{d}" for d in defines]
     try:
         return cpp_extension.load(
-            name=f"loom_{name}", sources=[str(source)],
-            extra_cflags=["-O3"],
-            extra_cuda_cflags=["-O3", "-lineinfo", f"-gencode=arch=compute_{arch},code=sm_{arch}"],
+            name="_".join([f"loom_{name}", *(d.lower() for d in defines)]), sources=[str(source)],
+            extra_cflags=["-O3", *flags],
+            extra_cuda_cflags=["-O3", "-lineinfo", f"-gencode=arch=compute_{arch},code=sm_{arch}",
+                               *flags],
             verbose=False)
     except Exception as e:   # compiler missing or failing: the caller falls back to the twin
         raise BuildError(f"{name}: building {source.name} for sm_{arch} failed: "

@@ -113,7 +113,13 @@ struct Shape {
   int prefetch;       // steps whose weights are asked into L2 ahead of their loads
   int steps;          // tensor-core path: 128-input steps per row (K / 128) ...
   int tile_batches;   // ... and batches of kMmaSteps steps a warp makes per tile
+  int flags;          // kSumByLastBlocks
   int64_t stride_xm;
+};
+
+// Shape::flags, the variants a measurement can switch on (LOOM_NATIVE_GEMV_FLAGS).
+enum Flags : int {
+  kSumByLastBlocks = 1,  // write_sum in the grid's last blocks (the fewest tiles), not its first
 };
 
 enum PrologueKind : int { kPlain = 0, kRmsNorm = 1, kSiluAndMul = 2 };
@@ -126,6 +132,68 @@ struct Prologue {
   const T* weight = nullptr;    // rms_norm: the norm's weight [K]
   float eps = 0.f;
 };
+
+// ---- Tracing (benchmarks/gemv_trace.py), built only with -DLOOM_GEMV_TRACE ----
+// Thread 0 of every block of the lanes' path writes one record: the %globaltimer (ns) at the
+// block's start, after griddepcontrol.wait, after x is staged, after its tiles and at its end.
+// The block's state lives in shared memory, so the kernel holds no registers for it.
+#ifdef LOOM_GEMV_TRACE
+struct TraceRecord {
+  unsigned long long start, waited, staged, looped, done;
+  int n, k, block, sm;
+  unsigned long long unused;  // 64 bytes a record
+};
+__device__ TraceRecord* g_trace = nullptr;
+__device__ unsigned int g_trace_capacity = 0;  // 0: not recording
+__device__ unsigned int g_trace_count = 0;
+
+__device__ __forceinline__ unsigned long long global_ns() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+struct BlockTrace {
+  unsigned long long ns[4];
+  bool on;
+  __device__ void begin() {
+    if (threadIdx.x != 0) return;
+    on = g_trace_capacity != 0;
+    if (on) ns[0] = global_ns();
+  }
+  __device__ void mark(int i) {  // thread 0's own `on`, or after a barrier
+    if (threadIdx.x == 0 && on) ns[i] = global_ns();
+  }
+  __device__ void tiles_done() {  // after the staging barrier: `on` is the block's
+    if (!on) return;
+    __syncthreads();
+    mark(3);
+  }
+  __device__ void finish(int n, int k) {
+    if (threadIdx.x != 0 || !on) return;
+    TraceRecord rec;
+    rec.start = ns[0];
+    rec.waited = ns[1];
+    rec.staged = ns[2];
+    rec.looped = ns[3];
+    rec.done = global_ns();
+    rec.n = n;
+    rec.k = k;
+    rec.block = blockIdx.x;
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(rec.sm));
+    rec.unused = 0;
+    const unsigned int i = atomicAdd(&g_trace_count, 1u);
+    if (i < g_trace_capacity) g_trace[i] = rec;
+  }
+};
+#else
+struct BlockTrace {
+  __device__ void begin() {}
+  __device__ void mark(int) {}
+  __device__ void tiles_done() {}
+  __device__ void finish(int, int) {}
+};
+#endif
 
 template <typename T, int R, int U>
 struct Batch {
@@ -298,7 +366,9 @@ __device__ void write_sum(const T* __restrict__ x, const Shape& s, const Prologu
                           bool aligned) {
   if (p.kind != kRmsNorm || p.residual == nullptr) return;
   const int pieces = s.K / 8;
-  for (int idx = blockIdx.x * kThreads + threadIdx.x; idx < M * pieces;
+  // The grid's first blocks hold the most tiles; its last ones are idle sooner.
+  const int block = s.flags & kSumByLastBlocks ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+  for (int idx = block * kThreads + threadIdx.x; idx < M * pieces;
        idx += gridDim.x * kThreads) {
     const int m = idx / pieces, k = (idx - m * pieces) * 8;
     const T* xr = x + m * s.stride_xm + k;
@@ -507,6 +577,8 @@ __global__ void __launch_bounds__(kThreads, (M == 1 && R * U <= 8) || (M == 2 &&
 
   // The block's row tiles are one sequence of (tile, batch) steps. The first loads go out before
   // x is staged, each later one before the step ahead of it is multiplied (two buffers in turn).
+  __shared__ BlockTrace trace;
+  trace.begin();
   int tile = blockIdx.x, b = 0;
   Batch<T, R, U> even, odd;
   load_batch<T, R, U>(w, scales, zeros, s, tile, b, even);
@@ -521,9 +593,11 @@ __global__ void __launch_bounds__(kThreads, (M == 1 && R * U <= 8) || (M == 2 &&
   asm volatile("griddepcontrol.launch_dependents;");
   asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
+  trace.mark(1);
   __shared__ NormPartials<M> partials;
   stage_x<T, M>(x, perm, s, p, x_aligned, pairs, inv, partials);
   __syncthreads();
+  trace.mark(2);
   float scale[M];
   row_scales<T, M>(p, s, partials, scale);
 
@@ -537,7 +611,9 @@ __global__ void __launch_bounds__(kThreads, (M == 1 && R * U <= 8) || (M == 2 &&
          step<T, M, R, U>(w, scales, zeros, bias, y, pairs, inv, s, tile, b, odd, even, acc,
                           scale)) {
   }
+  trace.tiles_done();
   write_sum<T, M>(x, s, p, x_aligned);
+  trace.finish(s.N, s.K);
 }
 
 // ---- The tensor-core path (one row of x) ----
@@ -764,7 +840,7 @@ struct Options {
   const int* perm = nullptr;
   const T* bias = nullptr;
   Prologue<T> prologue;
-  int group_size = 0, blocks_per_sm = 2, prefetch = 0;
+  int group_size = 0, blocks_per_sm = 2, prefetch = 0, flags = 0;
   bool pdl = false, gated = false;
 };
 
@@ -776,6 +852,7 @@ Shape shape_of(const torch::Tensor& x, const torch::Tensor& w_q, const torch::Te
                const Options<T>& o) {
   Shape s;
   s.prefetch = o.prefetch;
+  s.flags = o.flags;
   s.N = w_q.size(0);
   s.K = w_q.size(1) * 8;
   s.G = scales.size(1);
@@ -898,7 +975,8 @@ void run(int R, int U, const torch::Tensor& x, const torch::Tensor& w_q,
          int64_t prologue, const std::optional<torch::Tensor>& residual,
          const std::optional<torch::Tensor>& residual_out,
          const std::optional<torch::Tensor>& norm_weight, double eps, int64_t group_size,
-         int64_t blocks_per_sm, int64_t prefetch_steps, bool pdl, bool gated, bool mma) {
+         int64_t blocks_per_sm, int64_t prefetch_steps, bool pdl, bool gated, bool mma,
+         int64_t flags) {
   Options<T> o;
   o.gated = gated;
   o.perm = perm ? perm->data_ptr<int>() : nullptr;
@@ -912,11 +990,38 @@ void run(int R, int U, const torch::Tensor& x, const torch::Tensor& w_q,
   o.blocks_per_sm = blocks_per_sm;
   o.prefetch = prefetch_steps;
   o.pdl = pdl;
+  o.flags = static_cast<int>(flags);
   if (mma) return launch_mma<T>(x, w_q, scales, zeros, y, o);
   dispatch_rows<T>(R, U, x, w_q, scales, zeros, y, o);
 }
 
 }  // namespace
+
+#ifdef LOOM_GEMV_TRACE
+// Tracing: from now on every launch of the lanes' path writes one TraceRecord (8 int64) a block
+// into `buffer` [capacity, 8] (int64, CUDA), until trace_stop, which returns how many were written
+// (more than the capacity: the rest were dropped).
+void trace_start(torch::Tensor buffer) {
+  TORCH_CHECK(buffer.is_cuda() && buffer.scalar_type() == at::kLong && buffer.dim() == 2 &&
+                  buffer.size(1) == 8 && buffer.is_contiguous(),
+              "trace_start: buffer must be contiguous int64 [capacity, 8] on the GPU");
+  const c10::cuda::CUDAGuard guard(buffer.device());
+  TraceRecord* ptr = reinterpret_cast<TraceRecord*>(buffer.data_ptr());
+  const unsigned int capacity = static_cast<unsigned int>(buffer.size(0)), zero = 0;
+  C10_CUDA_CHECK(cudaDeviceSynchronize());
+  C10_CUDA_CHECK(cudaMemcpyToSymbol(g_trace, &ptr, sizeof(ptr)));
+  C10_CUDA_CHECK(cudaMemcpyToSymbol(g_trace_count, &zero, sizeof(zero)));
+  C10_CUDA_CHECK(cudaMemcpyToSymbol(g_trace_capacity, &capacity, sizeof(capacity)));
+}
+
+int64_t trace_stop() {
+  unsigned int count = 0, zero = 0;
+  C10_CUDA_CHECK(cudaDeviceSynchronize());
+  C10_CUDA_CHECK(cudaMemcpyToSymbol(g_trace_capacity, &zero, sizeof(zero)));
+  C10_CUDA_CHECK(cudaMemcpyFromSymbol(&count, g_trace_count, sizeof(count)));
+  return count;
+}
+#endif
 
 // The Python wrapper checks every operand first (see the file header); these are a last guard.
 torch::Tensor wna16_int4_gemv(torch::Tensor x, torch::Tensor w_q, torch::Tensor scales,
@@ -927,7 +1032,7 @@ torch::Tensor wna16_int4_gemv(torch::Tensor x, torch::Tensor w_q, torch::Tensor 
                               std::optional<torch::Tensor> residual,
                               std::optional<torch::Tensor> residual_out,
                               std::optional<torch::Tensor> norm_weight, double eps, bool pdl,
-                              int64_t epilogue, bool mma) {
+                              int64_t epilogue, bool mma, int64_t flags) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.stride(1) == 1,
               "wna16_int4_gemv: x must be a 2-D CUDA tensor with contiguous rows");
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
@@ -979,16 +1084,21 @@ torch::Tensor wna16_int4_gemv(torch::Tensor x, torch::Tensor w_q, torch::Tensor 
   const int R = rows_per_warp, U = loads_per_lane;
   if (x.scalar_type() == at::kHalf) {
     run<__half>(R, U, x, w_q, scales, zeros, y, perm, bias, prologue, residual, residual_out,
-                norm_weight, eps, group_size, blocks_per_sm, prefetch_steps, pdl, gated, mma);
+                norm_weight, eps, group_size, blocks_per_sm, prefetch_steps, pdl, gated, mma, flags);
   } else {
     run<__nv_bfloat16>(R, U, x, w_q, scales, zeros, y, perm, bias, prologue, residual,
                        residual_out, norm_weight, eps, group_size, blocks_per_sm, prefetch_steps,
-                       pdl, gated, mma);
+                       pdl, gated, mma, flags);
   }
   return y;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+#ifdef LOOM_GEMV_TRACE
+  m.def("trace_start", &trace_start, "record every block of the lanes' path into buffer",
+        py::arg("buffer"));
+  m.def("trace_stop", &trace_stop, "stop recording; the number of records written");
+#endif
   m.def("wna16_int4_gemv", &wna16_int4_gemv,
         "y = x @ W^T (+ bias) for 1-4 rows of bf16/fp16 x and int4 W [N, K/8], the op before "
         "and the one after fused (see the file header)",
@@ -998,5 +1108,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("prefetch_steps") = 0, py::arg("prologue") = 0,
         py::arg("residual") = py::none(), py::arg("residual_out") = py::none(),
         py::arg("norm_weight") = py::none(), py::arg("eps") = 1e-6, py::arg("pdl") = false,
-        py::arg("epilogue") = 0, py::arg("mma") = false);
+        py::arg("epilogue") = 0, py::arg("mma") = false, py::arg("flags") = 0);
 }

@@ -198,6 +198,66 @@ def test_fused_input_shapes(op, n, k, group_size, gen):
         check_fused(op, m, n, k, group_size, torch.bfloat16, gen, with_residual=True)
 
 
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("n,k", [(6144, 4096), (28672, 4096), (7, 96)])
+def test_residual_sum_by_the_last_blocks(n, k, monkeypatch, gen):
+    """LOOM_NATIVE_GEMV_FLAGS=sum_by_last_blocks moves the residual sum's writes to the grid's
+    last blocks: the sum still bit-equal, every piece written (residual_out starts as NaN)."""
+    monkeypatch.setenv("LOOM_NATIVE_GEMV_FLAGS", "sum_by_last_blocks")
+    for m in (1, 4):
+        check_fused("rms_norm", m, n, k, 32 if k < 128 else 128, torch.bfloat16, gen,
+                    with_residual=True)
+
+
+@gpu
+@needs_cuda
+def test_tracing_build_records_every_block(monkeypatch, gen):
+    """The tracing build (-DLOOM_GEMV_TRACE) computes what the plain build does, bit for bit, and
+    writes one record per block with times in launch order."""
+    (x, w_q, scales, zeros, _, bias), _ = operands(1, 6144, 4096, 4, 128, False, False, True,
+                                                   torch.bfloat16, gen)
+    on = [t.cuda() for t in (x, w_q, scales, zeros, bias)]
+    plain = native.int4_gemv(on[0], *on[1:4], None, 128, on[4])
+    traced_module = loom.csrc.load("wna16_gemv", ("LOOM_GEMV_TRACE",))
+    monkeypatch.setattr(native, "_module", lambda: traced_module)
+    buffer = native.trace_start(4096, on[0].device)
+    traced = native.int4_gemv(on[0], *on[1:4], None, 128, on[4])
+    records = native.trace_stop(buffer)
+    assert torch.equal(plain, traced)
+    cfg = native._configured(6144, 4096, 1, on[0].device, 128)
+    tiles = -(-6144 // (8 * cfg.rows_per_warp))
+    grid = min(tiles, torch.cuda.get_device_properties(0).multi_processor_count * cfg.blocks_per_sm)
+    assert records.shape == (grid, 8)
+    times = records[:, :5]
+    assert bool((times[:, 1:] >= times[:, :-1]).all()) and bool((times[:, 0] > 0).all())
+    assert set((records[:, 5] & 0xffffffff).tolist()) == {6144}
+    assert set((records[:, 5] >> 32).tolist()) == {4096}
+    assert sorted((records[:, 6] & 0xffffffff).tolist()) == list(range(grid))
+    native.int4_gemv(on[0], *on[1:4], None, 128, on[4])     # after trace_stop: nothing recorded
+    assert traced_module.trace_stop() == 0
+
+
+def test_measurement_knobs_parse_and_refuse(monkeypatch):
+    assert native.parse_flags("") == 0
+    assert native.parse_flags("sum_by_last_blocks") == native.FLAGS["sum_by_last_blocks"]
+    with pytest.raises(ValueError, match="LOOM_NATIVE_GEMV_FLAGS.*'nope'.*sum_by_last_blocks"):
+        native.parse_flags("nope")
+    assert native.parse_configs("6144x4096=1/4/2; 4096x14336=2/2/3") == {
+        (6144, 4096): native.NativeGemvConfig(1, 4, 2),
+        (4096, 14336): native.NativeGemvConfig(2, 2, 3)}
+    with pytest.raises(ValueError, match="LOOM_NATIVE_GEMV_CONFIG.*NxK=R/U/B"):
+        native.parse_configs("6144x4096=1/4")
+    monkeypatch.setattr(native, "num_sms", lambda device: 132)
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("LOOM_NATIVE_GEMV_CONFIG", "6144x4096=4/2/1")
+    assert native._configured(6144, 4096, 1, cpu, 128) == native.NativeGemvConfig(4, 2, 1)
+    assert native._configured(6144, 4096, 2, cpu, 128) == native.default_config(
+        6144, 4096, 2, 132, 128)                             # one row of x only
+    assert native._configured(4096, 4096, 1, cpu, 128) == native.default_config(
+        4096, 4096, 1, 132, 128)
+
+
 def silu_and_mul_ref(z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """SiLU-and-mul of the float32 z, rounded to dtype where the unfused ops round: z (the
     linear's output), silu, the product (three bf16 roundings alone differ from float32 by
@@ -410,7 +470,7 @@ def test_scheme_takes_the_native_gemv_for_up_to_four_rows(monkeypatch, gen):
 def test_falls_back_with_one_warning_when_it_cannot_build(monkeypatch, caplog):
     """Where csrc/wna16_gemv.cu cannot be built, the scheme keeps the Triton GEMV: applies() is
     False and the reason is logged once."""
-    def no_compiler(name):
+    def no_compiler(name, defines=()):
         raise loom.csrc.BuildError(f"{name}: building failed: nvcc not found")
 
     monkeypatch.setattr(loom.csrc, "load", no_compiler)

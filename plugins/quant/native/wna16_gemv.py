@@ -15,6 +15,13 @@ programmatic dependent (PDL), overlapping its first weight loads with the kernel
 gate|up projection and its activation in one kernel (``LOOM_NATIVE_FUSED_OUTPUT=0`` declines
 it: the next linear's kernel applies the activation as its input instead).
 
+Measurement knobs (read at each call, so a graph captured after setting them uses them):
+``LOOM_NATIVE_GEMV_CONFIG="NxK=R/U/B;..."`` replaces the default config of one row of x for W
+[N, K] (rows per warp, loads per lane, blocks per SM); ``LOOM_NATIVE_GEMV_FLAGS=name,...`` turns
+on kernel variants (FLAGS). ``LOOM_NATIVE_TRACE=1`` loads the tracing build (-DLOOM_GEMV_TRACE),
+whose blocks record their timeline between ``trace_start`` and ``trace_stop``
+(benchmarks/gemv_trace.py).
+
 ``NativeGemvConfig(mma=True)`` takes the tensor-core path for one row of x (K a multiple of 128,
 groups of a multiple of 128 inputs or one group): 16 rows of W a tile, the dot products as
 m16n8k16 MMAs, about 40% fewer instructions per byte of W than the lanes' fp16x2 FMAs. On the
@@ -40,6 +47,8 @@ MAX_M = 4
 CHUNK = 32        # inputs per 16-byte load of W
 DTYPES = (torch.bfloat16, torch.float16)
 PROLOGUES = {"rms_norm": 1, "silu_and_mul": 2}      # the kernel's codes (0: plain x)
+FLAGS = {"sum_by_last_blocks": 1}                   # Shape::flags bits (csrc/wna16_gemv.cu)
+TRACE_FIELDS = ("start", "waited", "staged", "looped", "done")   # ns, then n, k, block, sm
 EPILOGUES = {"silu_and_mul": 1}                     # (0: plain y)
 
 
@@ -177,10 +186,12 @@ def enabled() -> bool:
 
 @functools.cache
 def _module():
-    """The built extension, or None (warned once) where it cannot be built."""
+    """The built extension (the tracing build with LOOM_NATIVE_TRACE=1), or None (warned once)
+    where it cannot be built."""
     from loom.csrc import BuildError, load
+    defines = ("LOOM_GEMV_TRACE",) if os.environ.get("LOOM_NATIVE_TRACE") == "1" else ()
     try:
-        return load("wna16_gemv")
+        return load("wna16_gemv", defines)
     except BuildError as e:
         logger.warning("the native int4 GEMV is not available, the Triton GEMV runs instead: %s",
                        e)
@@ -225,6 +236,63 @@ def applies(x: torch.Tensor, w_q: torch.Tensor, scales: torch.Tensor, bits: int,
             and shared_memory_bytes(x.shape[0], k) <= _shared_memory_limit(x.device.index or 0))
 
 
+@functools.cache
+def parse_flags(value: str) -> int:
+    """LOOM_NATIVE_GEMV_FLAGS ("name,name") as the kernel's bit mask."""
+    bits = 0
+    for name in filter(None, (v.strip() for v in value.split(","))):
+        if name not in FLAGS:
+            raise ValueError(f"LOOM_NATIVE_GEMV_FLAGS: unknown flag {name!r}; known: "
+                             f"{sorted(FLAGS)}")
+        bits |= FLAGS[name]
+    return bits
+
+
+@functools.cache
+def parse_configs(value: str) -> dict[tuple[int, int], NativeGemvConfig]:
+    """LOOM_NATIVE_GEMV_CONFIG ("NxK=R/U/B;...") as {(N, K): config}."""
+    configs = {}
+    for item in filter(None, (v.strip() for v in value.split(";"))):
+        try:
+            shape, _, fields = item.partition("=")
+            n, k = (int(v) for v in shape.split("x"))
+            r, u, b = (int(v) for v in fields.split("/"))
+        except ValueError:
+            raise ValueError(f"LOOM_NATIVE_GEMV_CONFIG: {item!r} is not NxK=R/U/B (e.g. "
+                             f"6144x4096=2/4/2)") from None
+        configs[(n, k)] = NativeGemvConfig(r, u, b)
+    return configs
+
+
+def _configured(n: int, k: int, m: int, device: torch.device, group_size: int) -> NativeGemvConfig:
+    override = parse_configs(os.environ.get("LOOM_NATIVE_GEMV_CONFIG", "")).get((n, k))
+    if override is not None and m == 1:
+        return override
+    return default_config(n, k, m, num_sms(device), group_size,
+                          os.environ.get("LOOM_NATIVE_MMA") == "1")
+
+
+def trace_start(capacity: int, device: torch.device) -> torch.Tensor:
+    """Start recording (the tracing build, LOOM_NATIVE_TRACE=1): every block of the lanes' path
+    writes one row of the returned int64 [capacity, 8] buffer (TRACE_FIELDS, n, k, block, sm)."""
+    module = _module()
+    if module is None or not hasattr(module, "trace_start"):
+        raise RuntimeError("int4_gemv tracing needs LOOM_NATIVE_TRACE=1 set before the first "
+                           "call (the tracing build) and a GPU where the kernel builds")
+    buffer = torch.zeros(capacity, 8, dtype=torch.int64, device=device)
+    module.trace_start(buffer)
+    return buffer
+
+
+def trace_stop(buffer: torch.Tensor) -> torch.Tensor:
+    """Stop recording; the records written into ``buffer`` (on the CPU). Raises if some were
+    dropped for want of room."""
+    count = _module().trace_stop()
+    if count > buffer.shape[0]:
+        raise RuntimeError(f"int4_gemv trace: {count} blocks recorded, room for {buffer.shape[0]}")
+    return buffer[:count].cpu()
+
+
 def int4_gemv(x: torch.Tensor | FusedInput, w_q: torch.Tensor, scales: torch.Tensor,
               zeros: torch.Tensor, perm: torch.Tensor | None, group_size: int,
               bias: torch.Tensor | None = None, config: NativeGemvConfig | None = None,
@@ -235,8 +303,7 @@ def int4_gemv(x: torch.Tensor | FusedInput, w_q: torch.Tensor, scales: torch.Ten
     fused = x if isinstance(x, FusedInput) else None
     if fused is not None:
         x = fused.x
-    cfg = config or default_config(w_q.shape[0], w_q.shape[1] * 8, x.shape[0], num_sms(x.device),
-                                   group_size, os.environ.get("LOOM_NATIVE_MMA") == "1")
+    cfg = config or _configured(w_q.shape[0], w_q.shape[1] * 8, x.shape[0], x.device, group_size)
     if epilogue is not None and config is None and not cfg.mma:   # a warp: a gate row, its up row
         cfg = dataclasses.replace(cfg, rows_per_warp=2)
     if not 1 <= x.shape[0] <= MAX_M:
@@ -248,4 +315,5 @@ def int4_gemv(x: torch.Tensor | FusedInput, w_q: torch.Tensor, scales: torch.Ten
         cfg.blocks_per_sm, cfg.prefetch_steps, PROLOGUES[fused.op] if fused else 0,
         fused.residual if norm else None, fused.residual_out if norm else None,
         fused.weight if norm else None, float(fused.eps) if norm else 0.0, pdl(x.device),
-        EPILOGUES[epilogue] if epilogue else 0, cfg.mma)
+        EPILOGUES[epilogue] if epilogue else 0, cfg.mma,
+        parse_flags(os.environ.get("LOOM_NATIVE_GEMV_FLAGS", "")))
