@@ -8,6 +8,7 @@ layers of:
 
   span        first wait returned -> last block done: the kernel's own time on the critical path
   lead        first block started -> first wait returned: how early PDL let it start
+  pre_wait    waited - start, the median over the blocks (their weights' head start)
   wait_skew   last wait returned - first: how long "the kernel before is done" takes to reach all
   staging     staged - waited (median and max over the blocks)
   tiles       looped - staged (median and max over the blocks)
@@ -58,6 +59,7 @@ def launch_figures(blocks: list[dict], previous_done: int | None, weight_bytes: 
     span = last_done - first_wait
     figures = {
         "span": span, "lead": first_wait - min(b["start"] for b in blocks),
+        "pre_wait": statistics.median(b["waited"] - b["start"] for b in blocks),
         "wait_skew": max(b["waited"] for b in blocks) - first_wait,
         "staging": statistics.median(staging), "staging_max": max(staging),
         "tiles": statistics.median(tiles), "tiles_max": max(tiles),
@@ -105,7 +107,7 @@ def summarize(records: torch.Tensor, names: dict[tuple[int, int], str], group_si
 
 
 def print_summary(summary: dict) -> None:
-    cols = ("span", "lead", "wait_skew", "staging", "staging_max", "tiles", "tiles_max", "tail",
+    cols = ("span", "lead", "pre_wait", "wait_skew", "staging", "staging_max", "tiles", "tiles_max", "tail",
             "gap_before", "gbs")
     print(f"{'linear':10s} " + " ".join(f"{c:>11s}" for c in cols))
     for name, f in summary["linears"].items():

@@ -221,59 +221,83 @@ __device__ __forceinline__ int w_row(const Shape& s, int tile, int r) {
   return first + r * s.row_step;
 }
 
-// The 32 values row[e] of chunk u (e = perm[32u + i], or 32u + i) as they are stored: four
-// 16-byte loads where aligned. Each call issues all its loads before any is used.
+// x is staged in pieces of 8 inputs: one 16-byte load of each source, one word of a chunk in
+// shared memory. A thread takes pieces kThreads apart, a batch of them at a time: all the batch's
+// loads go out before any is used (staging stores nothing to global memory), and with 4 pieces to
+// a chunk every thread has work for K = 4096.
+constexpr int kPiece = 8;
+
+// The 8 values row[e] of piece q (e = perm[8q + i], or 8q + i) as they are stored.
 template <typename T>
-__device__ __forceinline__ void load_chunk(const T* __restrict__ row, const int* __restrict__ perm,
-                                           int u, bool aligned, uint4 raw[4]) {
-  if (perm == nullptr && aligned) {
-    const uint4* src = reinterpret_cast<const uint4*>(row + u * kChunk);
+__device__ __forceinline__ uint4 load_piece(const T* __restrict__ row, const int* __restrict__ perm,
+                                            int q, bool aligned) {
+  if (perm == nullptr && aligned) return *reinterpret_cast<const uint4*>(row + q * kPiece);
+  uint4 raw;
+  T* e = reinterpret_cast<T*>(&raw);
 #pragma unroll
-    for (int c = 0; c < 4; ++c) raw[c] = src[c];
-  } else {
-    T* e = reinterpret_cast<T*>(raw);
-#pragma unroll
-    for (int i = 0; i < kChunk; ++i)
-      e[i] = row[perm != nullptr ? perm[u * kChunk + i] : u * kChunk + i];
-  }
+  for (int i = 0; i < kPiece; ++i)
+    e[i] = row[perm != nullptr ? perm[q * kPiece + i] : q * kPiece + i];
+  return raw;
 }
 
 template <typename T>
-__device__ __forceinline__ float element(const uint4 raw[4], int i) {
-  return to_float(reinterpret_cast<const T*>(raw)[i]);
+__device__ __forceinline__ float element(const uint4& raw, int i) {
+  return to_float(reinterpret_cast<const T*>(&raw)[i]);
 }
 
-// The linear's inputs of chunk u of row m, before the norm's 1 / rms: x, w * (x + residual) with
-// sq += (x + residual)^2, or silu(gate) * up; each op rounded to T as the unfused kernels round.
-// All the chunk's loads (x, and residual and weight, or up) go out before the arithmetic, and
-// nothing is stored to global memory while x is staged.
-template <typename T>
-__device__ __forceinline__ void input_chunk(const T* __restrict__ x, const int* __restrict__ perm,
-                                            const Shape& s, const Prologue<T>& p, bool aligned,
-                                            int m, int u, float v[kChunk], float& sq) {
+// What a piece of the linear's input is made from: x, and residual (rms_norm, optional) or up
+// (silu_and_mul, x being the gate), and the norm's weight.
+struct PieceSources {
+  uint4 x, other, weight;
+};
+
+template <typename T, int kKind>
+__device__ __forceinline__ void load_sources(const T* __restrict__ x, const int* __restrict__ perm,
+                                             const Shape& s, const Prologue<T>& p, bool aligned,
+                                             int m, int q, PieceSources& out) {
   const T* row = x + m * s.stride_xm;
-  uint4 xs[4], first[4], second[4];
-  load_chunk(row, perm, u, aligned, xs);
-  if (p.kind == kSiluAndMul) {
-    load_chunk(row + s.K, perm, u, aligned, first);  // up
-#pragma unroll
-    for (int i = 0; i < kChunk; ++i) v[i] = silu_mul<T>(element<T>(xs, i), element<T>(first, i));
-    return;
+  out.x = load_piece(row, perm, q, aligned);
+  if (kKind == kSiluAndMul) out.other = load_piece(row + s.K, perm, q, aligned);
+  if (kKind == kRmsNorm) {
+    if (p.residual != nullptr)
+      out.other = load_piece(p.residual + static_cast<int64_t>(m) * s.K, perm, q, aligned);
+    out.weight = load_piece(p.weight, perm, q, aligned);
   }
-  if (p.kind != kRmsNorm) {
+}
+
+// The piece's 8 inputs of the linear, before the norm's 1 / rms: x, w * (x + residual) with
+// sq += (x + residual)^2, or silu(gate) * up; each op rounded to T as the unfused kernels round.
+template <typename T, int kKind>
+__device__ __forceinline__ void piece_inputs(const PieceSources& in, const Prologue<T>& p,
+                                             float v[kPiece], float& sq) {
 #pragma unroll
-    for (int i = 0; i < kChunk; ++i) v[i] = element<T>(xs, i);
-    return;
+  for (int i = 0; i < kPiece; ++i) {
+    const float a = element<T>(in.x, i);
+    if (kKind == kPlain) {
+      v[i] = a;
+    } else if (kKind == kSiluAndMul) {
+      v[i] = silu_mul<T>(a, element<T>(in.other, i));
+    } else {
+      const float h = p.residual != nullptr ? round_to<T>(a + element<T>(in.other, i)) : a;
+      sq = fmaf(h, h, sq);
+      v[i] = round_to<T>(element<T>(in.weight, i) * h);
+    }
   }
-  const bool add = p.residual != nullptr;
-  if (add) load_chunk(p.residual + static_cast<int64_t>(m) * s.K, perm, u, aligned, first);
-  load_chunk(p.weight, perm, u, aligned, second);
+}
+
+// Asks L2 for the prologue's operands that no kernel before writes (the norm's weight, perm), so
+// that staging, after griddepcontrol.wait, finds them there rather than in DRAM.
+template <typename T>
+__device__ __forceinline__ void prefetch_static_inputs(const int* __restrict__ perm, const Shape& s,
+                                                       const Prologue<T>& p) {
+  const char* sources[2] = {p.kind == kRmsNorm ? reinterpret_cast<const char*>(p.weight) : nullptr,
+                            reinterpret_cast<const char*>(perm)};
+  const int bytes[2] = {s.K * static_cast<int>(sizeof(T)), s.K * static_cast<int>(sizeof(int))};
 #pragma unroll
-  for (int i = 0; i < kChunk; ++i) {
-    const float h = add ? round_to<T>(element<T>(xs, i) + element<T>(first, i))
-                        : element<T>(xs, i);
-    sq = fmaf(h, h, sq);
-    v[i] = round_to<T>(element<T>(second, i) * h);
+  for (int i = 0; i < 2; ++i) {
+    if (sources[i] == nullptr) continue;
+    for (int line = threadIdx.x; line * 128 < bytes[i]; line += kThreads)
+      asm volatile("prefetch.global.L2 [%0];" ::"l"(sources[i] + line * 128));
   }
 }
 
@@ -282,12 +306,68 @@ struct NormPartials {
   float sq[kWarps][M];  // each warp's sum of squares per row (rms_norm)
 };
 
+// stage_x for one prologue kind, kBatch pieces per thread at a time.
+template <typename T, int M, int kExpChunks, int kKind, int kBatch>
+__device__ __forceinline__ void stage_pieces(const T* __restrict__ x, const int* __restrict__ perm,
+                                             const Shape& s, const Prologue<T>& p, bool aligned,
+                                             uint4* pairs, float* inv, float sq[M]) {
+  const int per_row = s.chunks * 4;
+  const int total = M * per_row;
+  for (int base = 0; base < total; base += kThreads * kBatch) {
+    PieceSources src[kBatch];
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j) {
+      const int idx = base + j * kThreads + threadIdx.x;
+      if (idx < total) {
+        const int m = idx / per_row;
+        load_sources<T, kKind>(x, perm, s, p, aligned, m, idx - m * per_row, src[j]);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j) {
+      const int idx = base + j * kThreads + threadIdx.x;
+      const bool in = idx < total;
+      const int m = in ? idx / per_row : 0, q = in ? idx - m * per_row : 0;
+      float v[kPiece], t = 0.f, top = 0.f;
+      if (in) {
+        piece_inputs<T, kKind>(src[j], p, v, t);
+#pragma unroll
+        for (int mm = 0; mm < M; ++mm)
+          if (mm == m) sq[mm] += t;
+#pragma unroll
+        for (int i = 0; i < kPiece; ++i) top = fmaxf(top, fabsf(v[i]));
+      }
+      // The lanes of one exponent's pieces are consecutive (4 pieces a chunk).
+#pragma unroll
+      for (int o = 1; o < 4 * kExpChunks; o *= 2)
+        top = fmaxf(top, __shfl_xor_sync(0xffffffffu, top, o));
+      if (!in) continue;
+      int e = 0;
+      if (top > 0.f && isfinite(top)) {
+        frexpf(top, &e);  // top = f * 2^e, f in [0.5, 1)
+        e = min(max(8 - e, -100), 100);
+      }
+      const float up = ldexpf(1.f, e);
+      const int u = q / 4, word = q % 4;
+      if (word == 0) inv[m * s.chunks + u] = ldexpf(1.f, -e);
+      uint4 slot;
+      uint32_t* h = reinterpret_cast<uint32_t*>(&slot);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        half2 pr = __floats2half2_rn(v[i] * up, v[4 + i] * up);
+        h[i] = *reinterpret_cast<uint32_t*>(&pr);
+      }
+      pairs[(m * 4 + word) * s.chunks + u] = slot;
+    }
+  }
+}
+
 // Converts the M rows of the linear's input into shared memory: pairs[m][word j][chunk u] holds
 // the 4 fp16x2 pairs (x[k + i], x[k + 4 + i]) * 2^s of inputs k = 32u + 8j .. +8, inv[m][u] the
-// 2^-s, one s for every kExpChunks chunks (consecutive threads' chunks: the largest |x| of them
-// goes round by shuffles, so all threads run the same number of iterations). With rms_norm, the
-// inputs staged are w * (x + residual) and each warp's sums of squares go to `partials`: the
-// norm's 1 / rms multiplies the dot products instead (row_scales).
+// 2^-s, one s for every kExpChunks chunks (the largest |x| of them goes round by shuffles, so all
+// threads run the same number of iterations). With rms_norm, the inputs staged are
+// w * (x + residual) and each warp's sums of squares go to `partials`: the norm's 1 / rms
+// multiplies the dot products instead (row_scales).
 template <typename T, int M, int kExpChunks = 1>
 __device__ void stage_x(const T* __restrict__ x, const int* __restrict__ perm, const Shape& s,
                         const Prologue<T>& p, bool aligned, uint4* pairs, float* inv,
@@ -295,43 +375,8 @@ __device__ void stage_x(const T* __restrict__ x, const int* __restrict__ perm, c
   float sq[M];
 #pragma unroll
   for (int m = 0; m < M; ++m) sq[m] = 0.f;
-  const int total = M * s.chunks;
-  for (int base = 0; base < total; base += kThreads) {
-    const int idx = base + threadIdx.x;
-    const bool in = idx < total;
-    const int m = in ? idx / s.chunks : 0, u = in ? idx - m * s.chunks : 0;
-    float v[kChunk], t = 0.f, top = 0.f;
-    if (in) {
-      input_chunk<T>(x, perm, s, p, aligned, m, u, v, t);
-#pragma unroll
-      for (int mm = 0; mm < M; ++mm)
-        if (mm == m) sq[mm] += t;
-#pragma unroll
-      for (int i = 0; i < kChunk; ++i) top = fmaxf(top, fabsf(v[i]));
-    }
-#pragma unroll
-    for (int o = 1; o < kExpChunks; o *= 2) top = fmaxf(top, __shfl_xor_sync(0xffffffffu, top, o));
-    if (!in) continue;
-    int e = 0;
-    if (top > 0.f && isfinite(top)) {
-      frexpf(top, &e);  // top = f * 2^e, f in [0.5, 1)
-      e = min(max(8 - e, -100), 100);
-    }
-    const float up = ldexpf(1.f, e);
-    inv[m * s.chunks + u] = ldexpf(1.f, -e);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      uint4 slot;
-      uint32_t* h = reinterpret_cast<uint32_t*>(&slot);
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        half2 pr = __floats2half2_rn(v[8 * j + i] * up, v[8 * j + 4 + i] * up);
-        h[i] = *reinterpret_cast<uint32_t*>(&pr);
-      }
-      pairs[(m * 4 + j) * s.chunks + u] = slot;
-    }
-  }
   if (p.kind == kRmsNorm) {
+    stage_pieces<T, M, kExpChunks, kRmsNorm, 2>(x, perm, s, p, aligned, pairs, inv, sq);
 #pragma unroll
     for (int m = 0; m < M; ++m) {
       float t = sq[m];
@@ -339,6 +384,10 @@ __device__ void stage_x(const T* __restrict__ x, const int* __restrict__ perm, c
       for (int o = 16; o > 0; o /= 2) t += __shfl_xor_sync(0xffffffffu, t, o);
       if (threadIdx.x % 32 == 0) partials.sq[threadIdx.x / 32][m] = t;
     }
+  } else if (p.kind == kSiluAndMul) {
+    stage_pieces<T, M, kExpChunks, kSiluAndMul, 4>(x, perm, s, p, aligned, pairs, inv, sq);
+  } else {
+    stage_pieces<T, M, kExpChunks, kPlain, 8>(x, perm, s, p, aligned, pairs, inv, sq);
   }
 }
 
@@ -587,6 +636,7 @@ __global__ void __launch_bounds__(kThreads, (M == 1 && R * U <= 8) || (M == 2 &&
     advance(s, tile, b, d, far_tile, far_b);
     prefetch_batch<R, U>(w, s, far_tile, far_b);
   }
+  prefetch_static_inputs<T>(perm, s, p);
 #if __CUDA_ARCH__ >= 900
   // No-ops unless launched as a programmatic dependent: let the next kernel launch, then wait
   // for the one before (its writes visible) before x is read or anything written.
@@ -802,6 +852,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   int tile = blockIdx.x, b = 0, parity = 0;
   MmaBatch<T> even, odd;
   mma_load<T>(w, scales, zeros, s, tile, b, even);
+  prefetch_static_inputs<T>(perm, s, p);
 #if __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;");
   asm volatile("griddepcontrol.wait;" ::: "memory");
