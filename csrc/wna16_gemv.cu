@@ -222,22 +222,32 @@ __device__ __forceinline__ int w_row(const Shape& s, int tile, int r) {
 }
 
 // x is staged in pieces of 8 inputs: one 16-byte load of each source, one word of a chunk in
-// shared memory. A thread takes pieces kThreads apart, a batch of them at a time: all the batch's
-// loads go out before any is used (staging stores nothing to global memory), and with 4 pieces to
-// a chunk every thread has work for K = 4096.
+// shared memory. Threads take pieces kThreads apart, and each issues the loads of its next piece
+// before it converts the current one (staging stores nothing to global memory), so one load
+// latency is exposed however many pieces a thread takes. The code that runs once per launch is
+// kept short: a kernel starts with a cold instruction cache, and on the H200 a longer staging
+// path (eight pieces unrolled, run 68) took 2-3 times as long.
 constexpr int kPiece = 8;
 
-// The 8 values row[e] of piece q (e = perm[8q + i], or 8q + i) as they are stored.
+// The 8 values row[e], e = perm[8q + i] or 8q + i, one at a time (act order, or rows not 16-byte
+// aligned); out of line, so the aligned path's code stays short.
 template <typename T>
-__device__ __forceinline__ uint4 load_piece(const T* __restrict__ row, const int* __restrict__ perm,
-                                            int q, bool aligned) {
-  if (perm == nullptr && aligned) return *reinterpret_cast<const uint4*>(row + q * kPiece);
+__device__ __noinline__ uint4 gather_piece(const T* __restrict__ row, const int* __restrict__ perm,
+                                           int q) {
   uint4 raw;
   T* e = reinterpret_cast<T*>(&raw);
 #pragma unroll
   for (int i = 0; i < kPiece; ++i)
     e[i] = row[perm != nullptr ? perm[q * kPiece + i] : q * kPiece + i];
   return raw;
+}
+
+// The 8 values of piece q of a row as they are stored.
+template <typename T>
+__device__ __forceinline__ uint4 load_piece(const T* __restrict__ row, const int* __restrict__ perm,
+                                            int q, bool aligned) {
+  if (perm == nullptr && aligned) return *reinterpret_cast<const uint4*>(row + q * kPiece);
+  return gather_piece(row, perm, q);
 }
 
 template <typename T>
@@ -306,50 +316,56 @@ struct NormPartials {
   float sq[kWarps][M];  // each warp's sum of squares per row (rms_norm)
 };
 
-// stage_x for one prologue kind, kBatch pieces per thread at a time.
-template <typename T, int M, int kExpChunks, int kKind, int kBatch>
+// 2^e and 2^-e of the power of two e that brings the largest |x| of an exponent's pieces into
+// [128, 256) (clamped to [-100, 100]; 0 for 0, inf or nan), from the float's bits.
+__device__ __forceinline__ void staging_scale(float top, float& up, float& down) {
+  const int biased = (__float_as_int(top) >> 23) & 0xff;  // top >= 0
+  int e = 0;
+  if (top > 0.f && biased != 0xff) e = biased == 0 ? 100 : min(max(134 - biased, -100), 100);
+  up = __int_as_float((127 + e) << 23);
+  down = __int_as_float((127 - e) << 23);
+}
+
+// stage_x for one prologue kind: piece idx of the M rows (row idx / per_row) for
+// idx = threadIdx.x, + kThreads, ...; every thread runs the same number of iterations (the
+// exponent's largest |x| goes round by shuffles).
+template <typename T, int M, int kExpChunks, int kKind>
 __device__ __forceinline__ void stage_pieces(const T* __restrict__ x, const int* __restrict__ perm,
                                              const Shape& s, const Prologue<T>& p, bool aligned,
                                              uint4* pairs, float* inv, float sq[M]) {
   const int per_row = s.chunks * 4;
   const int total = M * per_row;
-  for (int base = 0; base < total; base += kThreads * kBatch) {
-    PieceSources src[kBatch];
+  auto row_of = [&](int idx) { return M == 1 ? 0 : idx / per_row; };
+  PieceSources now, next;
+  int idx = threadIdx.x;
+  if (idx < total)
+    load_sources<T, kKind>(x, perm, s, p, aligned, row_of(idx), idx - row_of(idx) * per_row, now);
+#pragma unroll 1
+  for (int base = 0; base < total; base += kThreads, idx += kThreads) {
+    const int ahead = idx + kThreads;
+    if (ahead < total)
+      load_sources<T, kKind>(x, perm, s, p, aligned, row_of(ahead),
+                             ahead - row_of(ahead) * per_row, next);
+    const bool in = idx < total;
+    const int m = in ? row_of(idx) : 0, q = in ? idx - m * per_row : 0;
+    float v[kPiece], t = 0.f, top = 0.f;
+    if (in) {
+      piece_inputs<T, kKind>(now, p, v, t);
 #pragma unroll
-    for (int j = 0; j < kBatch; ++j) {
-      const int idx = base + j * kThreads + threadIdx.x;
-      if (idx < total) {
-        const int m = idx / per_row;
-        load_sources<T, kKind>(x, perm, s, p, aligned, m, idx - m * per_row, src[j]);
-      }
+      for (int mm = 0; mm < M; ++mm)
+        if (mm == m) sq[mm] += t;
+#pragma unroll
+      for (int i = 0; i < kPiece; ++i) top = fmaxf(top, fabsf(v[i]));
     }
+    // The lanes of one exponent's pieces are consecutive (4 pieces a chunk).
 #pragma unroll
-    for (int j = 0; j < kBatch; ++j) {
-      const int idx = base + j * kThreads + threadIdx.x;
-      const bool in = idx < total;
-      const int m = in ? idx / per_row : 0, q = in ? idx - m * per_row : 0;
-      float v[kPiece], t = 0.f, top = 0.f;
-      if (in) {
-        piece_inputs<T, kKind>(src[j], p, v, t);
-#pragma unroll
-        for (int mm = 0; mm < M; ++mm)
-          if (mm == m) sq[mm] += t;
-#pragma unroll
-        for (int i = 0; i < kPiece; ++i) top = fmaxf(top, fabsf(v[i]));
-      }
-      // The lanes of one exponent's pieces are consecutive (4 pieces a chunk).
-#pragma unroll
-      for (int o = 1; o < 4 * kExpChunks; o *= 2)
-        top = fmaxf(top, __shfl_xor_sync(0xffffffffu, top, o));
-      if (!in) continue;
-      int e = 0;
-      if (top > 0.f && isfinite(top)) {
-        frexpf(top, &e);  // top = f * 2^e, f in [0.5, 1)
-        e = min(max(8 - e, -100), 100);
-      }
-      const float up = ldexpf(1.f, e);
+    for (int o = 1; o < 4 * kExpChunks; o *= 2)
+      top = fmaxf(top, __shfl_xor_sync(0xffffffffu, top, o));
+    if (in) {
+      float up, down;
+      staging_scale(top, up, down);
       const int u = q / 4, word = q % 4;
-      if (word == 0) inv[m * s.chunks + u] = ldexpf(1.f, -e);
+      if (word == 0) inv[m * s.chunks + u] = down;
       uint4 slot;
       uint32_t* h = reinterpret_cast<uint32_t*>(&slot);
 #pragma unroll
@@ -359,6 +375,7 @@ __device__ __forceinline__ void stage_pieces(const T* __restrict__ x, const int*
       }
       pairs[(m * 4 + word) * s.chunks + u] = slot;
     }
+    now = next;
   }
 }
 
@@ -376,7 +393,7 @@ __device__ void stage_x(const T* __restrict__ x, const int* __restrict__ perm, c
 #pragma unroll
   for (int m = 0; m < M; ++m) sq[m] = 0.f;
   if (p.kind == kRmsNorm) {
-    stage_pieces<T, M, kExpChunks, kRmsNorm, 2>(x, perm, s, p, aligned, pairs, inv, sq);
+    stage_pieces<T, M, kExpChunks, kRmsNorm>(x, perm, s, p, aligned, pairs, inv, sq);
 #pragma unroll
     for (int m = 0; m < M; ++m) {
       float t = sq[m];
@@ -385,9 +402,9 @@ __device__ void stage_x(const T* __restrict__ x, const int* __restrict__ perm, c
       if (threadIdx.x % 32 == 0) partials.sq[threadIdx.x / 32][m] = t;
     }
   } else if (p.kind == kSiluAndMul) {
-    stage_pieces<T, M, kExpChunks, kSiluAndMul, 4>(x, perm, s, p, aligned, pairs, inv, sq);
+    stage_pieces<T, M, kExpChunks, kSiluAndMul>(x, perm, s, p, aligned, pairs, inv, sq);
   } else {
-    stage_pieces<T, M, kExpChunks, kPlain, 8>(x, perm, s, p, aligned, pairs, inv, sq);
+    stage_pieces<T, M, kExpChunks, kPlain>(x, perm, s, p, aligned, pairs, inv, sq);
   }
 }
 
