@@ -120,6 +120,7 @@ struct Shape {
 // Shape::flags, the variants a measurement can switch on (LOOM_NATIVE_GEMV_FLAGS).
 enum Flags : int {
   kSumByLastBlocks = 1,  // write_sum in the grid's last blocks (the fewest tiles), not its first
+  kNoStaticPrefetch = 2,  // no L2 prefetch of the norm's weight and perm before the wait
 };
 
 enum PrologueKind : int { kPlain = 0, kRmsNorm = 1, kSiluAndMul = 2 };
@@ -653,7 +654,7 @@ __global__ void __launch_bounds__(kThreads, (M == 1 && R * U <= 8) || (M == 2 &&
     advance(s, tile, b, d, far_tile, far_b);
     prefetch_batch<R, U>(w, s, far_tile, far_b);
   }
-  prefetch_static_inputs<T>(perm, s, p);
+  if (!(s.flags & kNoStaticPrefetch)) prefetch_static_inputs<T>(perm, s, p);
 #if __CUDA_ARCH__ >= 900
   // No-ops unless launched as a programmatic dependent: let the next kernel launch, then wait
   // for the one before (its writes visible) before x is read or anything written.
