@@ -120,7 +120,6 @@ struct Shape {
 // Shape::flags, the variants a measurement can switch on (LOOM_NATIVE_GEMV_FLAGS).
 enum Flags : int {
   kSumByLastBlocks = 1,  // write_sum in the grid's last blocks (the fewest tiles), not its first
-  kNoStaticPrefetch = 2,  // no L2 prefetch of the norm's weight and perm before the wait
 };
 
 enum PrologueKind : int { kPlain = 0, kRmsNorm = 1, kSiluAndMul = 2 };
@@ -293,22 +292,6 @@ __device__ __forceinline__ void piece_inputs(const PieceSources& in, const Prolo
       sq = fmaf(h, h, sq);
       v[i] = round_to<T>(element<T>(in.weight, i) * h);
     }
-  }
-}
-
-// Asks L2 for the prologue's operands that no kernel before writes (the norm's weight, perm), so
-// that staging, after griddepcontrol.wait, finds them there rather than in DRAM.
-template <typename T>
-__device__ __forceinline__ void prefetch_static_inputs(const int* __restrict__ perm, const Shape& s,
-                                                       const Prologue<T>& p) {
-  const char* sources[2] = {p.kind == kRmsNorm ? reinterpret_cast<const char*>(p.weight) : nullptr,
-                            reinterpret_cast<const char*>(perm)};
-  const int bytes[2] = {s.K * static_cast<int>(sizeof(T)), s.K * static_cast<int>(sizeof(int))};
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    if (sources[i] == nullptr) continue;
-    for (int line = threadIdx.x; line * 128 < bytes[i]; line += kThreads)
-      asm volatile("prefetch.global.L2 [%0];" ::"l"(sources[i] + line * 128));
   }
 }
 
@@ -654,7 +637,6 @@ __global__ void __launch_bounds__(kThreads, (M == 1 && R * U <= 8) || (M == 2 &&
     advance(s, tile, b, d, far_tile, far_b);
     prefetch_batch<R, U>(w, s, far_tile, far_b);
   }
-  if (!(s.flags & kNoStaticPrefetch)) prefetch_static_inputs<T>(perm, s, p);
 #if __CUDA_ARCH__ >= 900
   // No-ops unless launched as a programmatic dependent: let the next kernel launch, then wait
   // for the one before (its writes visible) before x is read or anything written.
@@ -870,7 +852,6 @@ __global__ void __launch_bounds__(kThreads, 2)
   int tile = blockIdx.x, b = 0, parity = 0;
   MmaBatch<T> even, odd;
   mma_load<T>(w, scales, zeros, s, tile, b, even);
-  prefetch_static_inputs<T>(perm, s, p);
 #if __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;");
   asm volatile("griddepcontrol.wait;" ::: "memory");

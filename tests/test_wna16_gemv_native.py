@@ -239,14 +239,14 @@ def test_tracing_build_records_every_block(monkeypatch, gen):
 
 
 def test_default_configs_of_the_llama3_8b_linears():
-    """The H200 picks (132 SMs, one row of x): the qkv rows in 1-row tiles (768 tiles fill 3
-    rounds of 264 block slots), o_proj in 2-row tiles (one round), gate_up with 2 loads per lane
-    (1792 tiles), down's 14336-input rows with 2 loads per lane and 3 blocks per SM."""
+    """The H200 picks (132 SMs, one row of x), 2 loads per lane: the qkv rows in 1-row tiles (768
+    tiles fill 3 rounds of 264 block slots), o_proj and gate_up in 2-row tiles, down's 14336-input
+    rows with 3 blocks per SM."""
     pick = {name: native.default_config(n, k, 1, 132, 128) for name, (n, k) in {
         "qkv": (6144, 4096), "o_proj": (4096, 4096), "gate_up": (28672, 4096),
         "down": (4096, 14336)}.items()}
-    assert pick == {"qkv": native.NativeGemvConfig(1, 4, 2),
-                    "o_proj": native.NativeGemvConfig(2, 4, 2),
+    assert pick == {"qkv": native.NativeGemvConfig(1, 2, 2),
+                    "o_proj": native.NativeGemvConfig(2, 2, 2),
                     "gate_up": native.NativeGemvConfig(2, 2, 2),
                     "down": native.NativeGemvConfig(2, 2, 3)}
 
@@ -254,7 +254,6 @@ def test_default_configs_of_the_llama3_8b_linears():
 def test_measurement_knobs_parse_and_refuse(monkeypatch):
     assert native.parse_flags("") == 0
     assert native.parse_flags("sum_by_last_blocks") == native.FLAGS["sum_by_last_blocks"]
-    assert native.parse_flags("sum_by_last_blocks,no_static_prefetch") == 3
     with pytest.raises(ValueError, match="LOOM_NATIVE_GEMV_FLAGS.*'nope'.*sum_by_last_blocks"):
         native.parse_flags("nope")
     assert native.parse_configs("6144x4096=1/4/2; 4096x14336=2/2/3") == {

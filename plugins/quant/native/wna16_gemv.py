@@ -47,7 +47,7 @@ MAX_M = 4
 CHUNK = 32        # inputs per 16-byte load of W
 DTYPES = (torch.bfloat16, torch.float16)
 PROLOGUES = {"rms_norm": 1, "silu_and_mul": 2}      # the kernel's codes (0: plain x)
-FLAGS = {"sum_by_last_blocks": 1, "no_static_prefetch": 2}   # Shape::flags (csrc/wna16_gemv.cu)
+FLAGS = {"sum_by_last_blocks": 1}                   # Shape::flags bits (csrc/wna16_gemv.cu)
 TRACE_FIELDS = ("start", "waited", "staged", "looped", "done")   # ns, then n, k, block, sm
 EPILOGUES = {"silu_and_mul": 1}                     # (0: plain y)
 
@@ -78,9 +78,9 @@ def default_config(n: int, k: int, m: int, sms: int, group_size: int = -1,
                    mma: bool = False) -> NativeGemvConfig:
     """From the H200 sweep (benchmarks/results/kernels_quant_gemv_native_h200_run*.json): one row
     of x takes 2 rows per warp, unless 1 row per warp splits the rows into tiles that fill the
-    grid's last round better (each block handles whole tiles); long rows (K > 8192) 2 loads per
-    lane and 3 blocks per SM; many tiles (more than 4 a block, e.g. gate_up's 1792: run 69, decode
-    step 1.779 against 1.812 ms) 2 loads per lane. Two rows of x take 1 row per warp, more take 2.
+    grid's last round better (each block handles whole tiles), and 2 loads per lane (in the decode
+    graph, run 70: gate_up 1.780 against 1.815 ms a step with 4, o_proj 1.749 against 1.780);
+    long rows (K > 8192) also 3 blocks per SM. Two rows of x take 1 row per warp, more take 2.
     ``sms``: the
     device's multiprocessor count. ``mma``: one row of x takes the tensor-core path where it
     applies (groups of group_size inputs, -1: one group)."""
@@ -92,9 +92,7 @@ def default_config(n: int, k: int, m: int, sms: int, group_size: int = -1,
         return NativeGemvConfig(1, 4, 2)
     if k > 8192:
         return NativeGemvConfig(2, 2, 3)
-    if -(-n // 16) > 4 * 2 * sms:
-        return NativeGemvConfig(2, 2, 2)
-    return min((NativeGemvConfig(2, 4, 2), NativeGemvConfig(1, 4, 2)),
+    return min((NativeGemvConfig(2, 2, 2), NativeGemvConfig(1, 2, 2)),
                key=lambda c: _last_round_waste(n, c, sms))
 
 
