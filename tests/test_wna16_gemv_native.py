@@ -239,13 +239,13 @@ def test_tracing_build_records_every_block(monkeypatch, gen):
 
 
 def test_default_configs_of_the_llama3_8b_linears():
-    """The H200 picks (132 SMs, one row of x), 2 loads per lane: the qkv rows in 1-row tiles (768
-    tiles fill 3 rounds of 264 block slots), o_proj and gate_up in 2-row tiles, down's 14336-input
-    rows with 3 blocks per SM."""
+    """The H200 picks (132 SMs, one row of x), 4 loads per lane a batch: the qkv rows in 1-row
+    tiles (768 tiles fill 3 rounds of 264 block slots), o_proj and gate_up in 2-row tiles, down's
+    14336-input rows with 3 blocks per SM."""
     pick = {name: native.default_config(n, k, 1, 132, 128) for name, (n, k) in {
         "qkv": (6144, 4096), "o_proj": (4096, 4096), "gate_up": (28672, 4096),
         "down": (4096, 14336)}.items()}
-    assert pick == {"qkv": native.NativeGemvConfig(1, 2, 2),
+    assert pick == {"qkv": native.NativeGemvConfig(1, 4, 2),
                     "o_proj": native.NativeGemvConfig(2, 2, 2),
                     "gate_up": native.NativeGemvConfig(2, 2, 2),
                     "down": native.NativeGemvConfig(2, 2, 3)}

@@ -77,11 +77,12 @@ def mma_applies(k: int, group_size: int) -> bool:
 def default_config(n: int, k: int, m: int, sms: int, group_size: int = -1,
                    mma: bool = False) -> NativeGemvConfig:
     """From the H200 sweep (benchmarks/results/kernels_quant_gemv_native_h200_run*.json): one row
-    of x takes 2 rows per warp, unless 1 row per warp splits the rows into tiles that fill the
-    grid's last round better (each block handles whole tiles), and 2 loads per lane (in the decode
-    graph, run 70: gate_up 1.780 against 1.815 ms a step with 4, o_proj 1.749 against 1.780);
-    long rows (K > 8192) also 3 blocks per SM. Two rows of x take 1 row per warp, more take 2.
-    ``sms``: the
+    of x takes 4 loads in flight per lane a batch: 2 rows per warp with 2 loads each, unless 1 row
+    per warp (4 loads) splits the rows into tiles that fill the grid's last round better (each
+    block handles whole tiles). In the decode graph (runs 70-71, ms a step): gate_up 1.780 with
+    2x2 against 1.815 with 2x4, o_proj 1.749 against 1.780, qkv 1.736 with 1x4 against 1.794 with
+    1x2 and 1.753 with 2x2. Long rows (K > 8192) also take 3 blocks per SM. Two rows of x take 1
+    row per warp, more take 2. ``sms``: the
     device's multiprocessor count. ``mma``: one row of x takes the tensor-core path where it
     applies (groups of group_size inputs, -1: one group)."""
     if mma and m == 1 and mma_applies(k, k if group_size < 0 else group_size):
@@ -92,7 +93,7 @@ def default_config(n: int, k: int, m: int, sms: int, group_size: int = -1,
         return NativeGemvConfig(1, 4, 2)
     if k > 8192:
         return NativeGemvConfig(2, 2, 3)
-    return min((NativeGemvConfig(2, 2, 2), NativeGemvConfig(1, 2, 2)),
+    return min((NativeGemvConfig(2, 2, 2), NativeGemvConfig(1, 4, 2)),
                key=lambda c: _last_round_waste(n, c, sms))
 
 
