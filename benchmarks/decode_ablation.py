@@ -22,7 +22,7 @@ import sys
 import torch
 
 from loom import LLM
-from loom.bench.common import git_commit
+from loom.bench.common import script_header
 from loom.config import read_yaml
 from loom.cuda_graphs import DecodeGraphs
 from loom.models.layers import Linear, RowParallelLinear
@@ -184,9 +184,8 @@ def main() -> None:
                     print(f"  {name:26s} {ms:.3f} ms  {saved:6.1f} us a layer less than full")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"benchmark": "decode_ablation", "commit": git_commit(),
-                       "device": torch.cuda.get_device_name(),
-                       "command": ["python", "benchmarks/decode_ablation.py", *sys.argv[1:]],
+            json.dump({**script_header("decode_ablation", "benchmarks/decode_ablation.py",
+                                     sys.argv[1:]),
                        "context_len": args.context_len, "repeat": args.repeat,
                        "settings": results}, f, indent=1)
 

@@ -146,7 +146,7 @@ def main() -> None:
     from decode_ablation import capture
 
     from loom import LLM
-    from loom.bench.common import git_commit
+    from loom.bench.common import script_header
     from loom.config import read_yaml
     from loom.plugins.quant.native import wna16_gemv
 
@@ -177,9 +177,7 @@ def main() -> None:
     print_summary(summary)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"benchmark": "gemv_trace", "commit": git_commit(),
-                       "device": torch.cuda.get_device_name(),
-                       "command": ["python", "benchmarks/gemv_trace.py", *sys.argv[1:]],
+            json.dump({**script_header("gemv_trace", "benchmarks/gemv_trace.py", sys.argv[1:]),
                        "context_len": args.context_len, "replays": args.replays,
                        "traced_forward_ms": step_ms, **summary}, f, indent=1)
 

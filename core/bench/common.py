@@ -238,6 +238,13 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
+def script_header(benchmark: str, script: str, argv: list[str]) -> dict:
+    """The fields a benchmarks/ script's JSON starts with: what ran (``python script *argv``), on
+    which commit and GPU."""
+    return {"benchmark": benchmark, "commit": git_commit(),
+            "device": torch.cuda.get_device_name(), "command": ["python", script, *argv]}
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
