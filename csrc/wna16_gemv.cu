@@ -119,7 +119,9 @@ struct Shape {
 
 // Shape::flags, the variants a measurement can switch on (LOOM_NATIVE_GEMV_FLAGS).
 enum Flags : int {
-  kSumByLastBlocks = 1,  // write_sum in the grid's last blocks (the fewest tiles), not its first
+  // write_sum in the grid's last blocks (the fewest tiles), not its first: no change in the
+  // decode graph (runs 68 and 73), so off by default.
+  kSumByLastBlocks = 1,
 };
 
 enum PrologueKind : int { kPlain = 0, kRmsNorm = 1, kSiluAndMul = 2 };

@@ -18,7 +18,8 @@ it: the next linear's kernel applies the activation as its input instead).
 Measurement knobs (read at each call, so a graph captured after setting them uses them):
 ``LOOM_NATIVE_GEMV_CONFIG="NxK=R/U/B;..."`` replaces the default config of one row of x for W
 [N, K] (rows per warp, loads per lane, blocks per SM); ``LOOM_NATIVE_GEMV_FLAGS=name,...`` turns
-on kernel variants (FLAGS). ``LOOM_NATIVE_TRACE=1`` loads the tracing build (-DLOOM_GEMV_TRACE),
+on kernel variants (FLAGS; sum_by_last_blocks changed nothing in runs 68 and 73).
+``LOOM_NATIVE_TRACE=1`` loads the tracing build (-DLOOM_GEMV_TRACE),
 whose blocks record their timeline between ``trace_start`` and ``trace_stop``
 (benchmarks/gemv_trace.py).
 
