@@ -3,8 +3,9 @@
 ``load(name)`` compiles ``csrc/<name>.cu`` for this device's architecture the first time it is
 asked for (the build is cached under TORCH_EXTENSIONS_DIR, keyed by the source, so a later
 process loads it in a second) and returns the module. ``load(name, ("X",))`` builds a variant
-with the macro X defined (a module of its own, e.g. a kernel's tracing build). Each kernel here has a Triton or torch twin
-that its tests compare it against and that runs wherever it cannot be built.
+with the macro X defined (a module of its own, e.g. a kernel's tracing build). Each kernel here
+has a Triton or torch twin that its tests compare it against and that runs wherever it cannot be
+built.
 """
 from __future__ import annotations
 

@@ -49,7 +49,6 @@ CHUNK = 32        # inputs per 16-byte load of W
 DTYPES = (torch.bfloat16, torch.float16)
 PROLOGUES = {"rms_norm": 1, "silu_and_mul": 2}      # the kernel's codes (0: plain x)
 FLAGS = {"sum_by_last_blocks": 1}                   # Shape::flags bits (csrc/wna16_gemv.cu)
-TRACE_FIELDS = ("start", "waited", "staged", "looped", "done")   # ns, then n, k, block, sm
 EPILOGUES = {"silu_and_mul": 1}                     # (0: plain y)
 
 
@@ -278,7 +277,8 @@ def _configured(n: int, k: int, m: int, device: torch.device, group_size: int) -
 
 def trace_start(capacity: int, device: torch.device) -> torch.Tensor:
     """Start recording (the tracing build, LOOM_NATIVE_TRACE=1): every block of the lanes' path
-    writes one row of the returned int64 [capacity, 8] buffer (TRACE_FIELDS, n, k, block, sm)."""
+    writes one row of the returned int64 [capacity, 8] buffer: the ns at its start, after the wait,
+    after staging, after its tiles and at its end; then (n, k) and (block, sm), int32 pairs."""
     module = _module()
     if module is None or not hasattr(module, "trace_start"):
         raise RuntimeError("int4_gemv tracing needs LOOM_NATIVE_TRACE=1 set before the first "
